@@ -1,0 +1,25 @@
+"""Prefect flows that compose forgeline's stages, and the ``forgeline`` CLI."""
+
+import logging
+import os
+
+# No DNS here or in many clusters: Prefect's telemetry would only log errors.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+PROJECT_LOGGERS = ("tasks", "models", "flows")
+
+
+def forward_stage_logs() -> None:
+    """Send the stage cores' standard-library logs to Prefect (console and UI).
+
+    Prefect wires ``PREFECT_LOGGING_EXTRA_LOGGERS`` only when it first configures logging,
+    which may have happened before this package was imported (a worker), so the handlers
+    of Prefect's ``prefect.extra`` logger are copied here.
+    """
+    handlers = logging.getLogger("prefect.extra").handlers
+    for name in PROJECT_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        for handler in handlers:
+            if handler not in logger.handlers:
+                logger.addHandler(handler)

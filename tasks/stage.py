@@ -91,10 +91,11 @@ def run_stage(
     """Run ``build`` into a fresh keyed directory, or reuse the directory if it is complete.
 
     ``build(stage_dir)`` writes the stage's files under ``stage_dir`` and returns a dict
-    with ``count`` (documents or tokens produced), and optionally ``output`` (the data
-    directory relative to ``stage_dir``, default ``"data"`` if it exists else ``"."``),
+    with ``count`` (documents or tokens produced), and optionally ``unit``, ``output`` (the
+    data directory relative to ``stage_dir``, default ``"data"`` if it exists else ``"."``),
     ``stats`` (numbers worth tracking) and ``artifacts`` (name -> path relative to
-    ``stage_dir``). The returned manifest holds absolute paths.
+    ``stage_dir``); any other keys are kept under ``info``. The returned manifest holds
+    absolute paths.
     """
     inputs = list(inputs)
     key = stage_key(name, config, [m["content_hash"] for m in inputs], code_version(code),
@@ -136,6 +137,8 @@ def run_stage(
         "artifacts": {k: str((final_dir / v).resolve()) for k, v in
                       result.get("artifacts", {}).items()},
         "inputs": {m["stage"]: m["key"] for m in inputs},
+        "info": {k: v for k, v in result.items()
+                 if k not in {"count", "unit", "stats", "artifacts", "output"}},
         "content_hash": hash_tree(tmp_dir),
         "seconds": round(seconds, 3),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -1,0 +1,161 @@
+"""``forgeline``: run the pipeline, or show its configuration.
+
+Exit codes: 0 success; 2 invalid configuration or input (the reason on standard error);
+1 any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+EPILOG = """\
+configuration:
+  Settings come from the defaults (see configs/default.yaml, or `forgeline config`),
+  then --config FILE, then each --set in order. Values are YAML:
+    --set pretrain.max_steps=200 --set crawl.seeds='[https://example.org/]'
+    --set source.paths='[data/my_docs/]' --set pii.enabled=false
+
+environment:
+  MLFLOW_TRACKING_URI  MLflow store (default: SQLite in the work directory)
+  PREFECT_API_URL      Prefect server (default: Prefect's temporary local server)
+
+examples:
+  forgeline run                                  the embedded default, end to end
+  forgeline run --until dedup --json             the data stages only, JSON summary
+  forgeline run --set source.paths='[corpus/]'   your own .txt/.jsonl/.parquet files
+"""
+
+STAGE_NAMES = ("crawl", "extract", "filter", "dedup", "pii",
+               "tokenize", "pretrain", "finetune", "evaluate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="forgeline",
+        description="Raw web text to a trained, evaluated small language model: crawl, "
+                    "clean, tokenize, pretrain, fine-tune and evaluate, run by Prefect and "
+                    "recorded in MLflow.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def config_args(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--config", metavar="FILE",
+                         help="YAML file of settings (sections as in configs/default.yaml)")
+        sub.add_argument("--set", dest="overrides", action="append", default=[],
+                         metavar="KEY=VALUE",
+                         help="override one setting by its dotted name; repeatable")
+
+    run = commands.add_parser(
+        "run", help="run the pipeline", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run the pipeline. Finished stages with the same settings and inputs "
+                    "are reused, so rerunning after a failure redoes only what failed.")
+    config_args(run)
+    run.add_argument("--until", choices=STAGE_NAMES, metavar="STAGE",
+                     help=f"stop after this stage ({', '.join(STAGE_NAMES)})")
+    run.add_argument("--workdir", default=os.environ.get("FORGELINE_WORKDIR", "work"),
+                     metavar="DIR", help="stage outputs, reports and the default MLflow store "
+                                         "(default: ./work, or $FORGELINE_WORKDIR)")
+    run.add_argument("--json", action="store_true",
+                     help="end standard output with one JSON line: the MLflow run id and "
+                          "each stage's output directory and count")
+
+    show = commands.add_parser(
+        "config", help="print the resolved configuration with every setting explained",
+        description="Print the resolved configuration as YAML, each setting with its "
+                    "description. Usable as a --config file.")
+    config_args(show)
+    return parser
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"forgeline: error: {message}", file=sys.stderr)
+    return code
+
+
+def print_summary(result: dict[str, Any], seconds: float, stream=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from flows.tracking import ui_command
+
+    console = Console(file=stream or sys.stdout, width=110)
+    table = Table(title="forgeline run summary", title_justify="left")
+    for column, justify in (("stage", "left"), ("result", "right"), ("seconds", "right"),
+                            ("", "left")):
+        table.add_column(column, justify=justify)
+    for name, stage in result["stages"].items():
+        if stage.get("skipped"):
+            table.add_row(name, "-", "-", "skipped (disabled)")
+            continue
+        table.add_row(name, f"{stage['count']:,} {stage.get('unit', '')}",
+                      f"{stage.get('seconds', 0):.1f}", "reused" if stage.get("reused") else "")
+    console.print(table)
+    labels = {"val_perplexity": "validation perplexity",
+              "unigram_perplexity": "unigram baseline perplexity",
+              "val_bits_per_byte": "validation bits per byte",
+              "pretrain_val_loss": "pretrain validation loss",
+              "finetune_val_loss_before": "fine-tune val loss before",
+              "finetune_val_loss_after": "fine-tune val loss after"}
+    for key, label in labels.items():
+        if key in result["metrics"]:
+            console.print(f"{label:>30}: {result['metrics'][key]:.4f}")
+    console.print(f"{'data report':>30}: {result['data_report']}")
+    console.print(f"{'MLflow run':>30}: {result['mlflow_run_id']}")
+    console.print(f"{'MLflow store':>30}: {result['tracking_uri']}")
+    console.print(f"{'open the MLflow UI':>30}: {ui_command(result['tracking_uri'], '')}")
+    console.print(f"{'total time':>30}: {seconds:.1f}s")
+
+
+def cmd_config(args) -> int:
+    from flows.config import ConfigError, config_yaml, load_config
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        return _fail(str(exc), 2)
+    sys.stdout.write(config_yaml(config))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from flows.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        return _fail(str(exc), 2)
+
+    from flows.pipeline import pipeline
+    from tasks.stage import StageInputError
+
+    started = time.perf_counter()
+    try:
+        result = pipeline(config=config, workdir=args.workdir, until=args.until)
+    except StageInputError as exc:
+        return _fail(str(exc), 2)
+    except KeyboardInterrupt:
+        return _fail("interrupted; finished stages are kept and will be reused", 130)
+    print_summary(result, time.perf_counter() - started,
+                  stream=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        summary = {"mlflow_run_id": result["mlflow_run_id"],
+                   "stages": {n: {k: v for k, v in s.items() if k != "stats"}
+                              for n, s in result["stages"].items()}}
+        sys.stdout.flush()
+        print(json.dumps(summary))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return {"run": cmd_run, "config": cmd_config}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The data report: what each data stage kept and removed, and why, as Markdown and a plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tasks.shards import write_text_atomic
+
+
+def _removed_reasons(stats: dict[str, Any]) -> dict[str, int]:
+    return {k.removeprefix("removed_"): int(v) for k, v in stats.items()
+            if k.startswith("removed_") and isinstance(v, (int, float)) and v}
+
+
+def funnel_plot(stages: dict[str, dict], path: Path) -> Path:
+    """Documents left after each data stage, as a horizontal bar chart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, m in stages.items() if not m.get("skipped")]
+    counts = [stages[n]["count"] for n in names]
+    fig, ax = plt.subplots(figsize=(6, 0.5 * len(names) + 1.2))
+    bars = ax.barh(names[::-1], counts[::-1], color="#4C72B0")
+    ax.bar_label(bars, padding=3)
+    ax.set_xlabel("documents after stage")
+    ax.set_title("forgeline data funnel")
+    ax.margins(x=0.15)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def data_report(stages: dict[str, dict], out_dir: Path) -> dict[str, Path]:
+    """Write ``data_report.md`` and ``data_funnel.png`` into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["# forgeline data report", "",
+             "| stage | documents in | kept | removed | seconds | reused |",
+             "|---|---:|---:|---:|---:|---|"]
+    previous = None
+    for name, manifest in stages.items():
+        if manifest.get("skipped"):
+            lines.append(f"| {name} | | | | | skipped (disabled) |")
+            continue
+        stats = manifest.get("stats", {})
+        count = manifest["count"]
+        docs_in = stats.get("input_documents", previous if previous is not None else count)
+        removed = docs_in - count if isinstance(docs_in, (int, float)) else ""
+        lines.append(f"| {name} | {docs_in} | {count} | {removed} | "
+                     f"{manifest.get('seconds', 0):.1f} | {'yes' if manifest.get('reused') else 'no'} |")
+        previous = count
+    for name, manifest in stages.items():
+        reasons = _removed_reasons(manifest.get("stats", {}))
+        if reasons:
+            lines += ["", f"## {name}: removed documents by reason", "",
+                      "| reason | documents |", "|---|---:|"]
+            lines += [f"| {r} | {n} |" for r, n in sorted(reasons.items(), key=lambda x: -x[1])]
+    pii = stages.get("pii", {})
+    if pii and not pii.get("skipped"):
+        found = {k.removeprefix("pii_"): v for k, v in pii.get("stats", {}).items()
+                 if k.startswith("pii_") and v}
+        lines += ["", "## pii", "",
+                  f"Detector: {pii.get('info', {}).get('nlp_engine', 'unknown')}", "",
+                  "| entity | replaced |", "|---|---:|"]
+        lines += [f"| {k} | {v} |" for k, v in sorted(found.items())] or ["| (none) | 0 |"]
+    lines += ["", "Removed documents are kept with their reason in each stage's `removed/` "
+              "folder:", ""]
+    lines += [f"- {n}: `{Path(m['dir']) / 'removed'}`" for n, m in stages.items()
+              if not m.get("skipped") and (Path(m["dir"]) / "removed").is_dir()]
+    report = out_dir / "data_report.md"
+    write_text_atomic(report, "\n".join(lines) + "\n")
+    return {"report": report, "plot": funnel_plot(stages, out_dir / "data_funnel.png")}

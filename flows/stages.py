@@ -1,0 +1,180 @@
+"""One thin Prefect task per stage: pick the inputs, run the pure core through the keyed
+stage runner (reusing finished output), and record the stage as a nested MLflow run."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE as NO_CACHE
+from pydantic import BaseModel
+
+import models
+import tasks.crawl
+import tasks.dedup
+import tasks.evaluate
+import tasks.extract
+import tasks.filter
+import tasks.finetune
+import tasks.pii
+import tasks.pretrain
+import tasks.sources
+import tasks.tokenize
+from flows.config import PipelineConfig, flatten
+from flows.tracking import Tracker
+from tasks.stage import StageInputError, run_stage
+
+Manifest = dict[str, Any]
+
+
+class RunContext(BaseModel):
+    """Where a pipeline run writes and records (passed to every subflow and task)."""
+
+    workdir: str
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+
+
+def _retry_unless_input_error(task, task_run, state) -> bool:
+    """Bad input will be just as bad next time: retry only other failures."""
+    return not isinstance(getattr(state, "data", None), StageInputError)
+
+
+RETRIES = {"retry_condition_fn": _retry_unless_input_error, "cache_policy": NO_CACHE}
+
+
+def run_tracked(ctx: RunContext, stage: str, section: BaseModel | None,
+                build: Callable[[Path, Callable | None], dict], *, inputs: list[Manifest] = (),
+                code: list = (), extra_key: dict | None = None) -> Manifest:
+    """Run one stage (or reuse its finished output) inside a nested MLflow run."""
+    logger = get_run_logger()
+    tracker = Tracker(ctx.tracking_uri, ctx.experiment)
+    params = flatten(section.model_dump(mode="json"), f"{stage}.") if section else {}
+    run_id = tracker.start_stage(ctx.parent_run_id, stage, params)
+    on_metrics = tracker.metrics_callback(run_id)
+    try:
+        manifest = run_stage(stage, lambda out_dir: build(out_dir, on_metrics),
+                             workdir=ctx.workdir, config=section, inputs=inputs,
+                             code=code, extra_key=extra_key, log=logger.info)
+    except BaseException as exc:
+        tracker.set_tags(run_id, {"error": str(exc)[:5000]})
+        tracker.finish(run_id, ok=False)
+        raise
+    tracker.log_metrics(run_id, {"count": manifest["count"], "seconds": manifest["seconds"],
+                                 **manifest["stats"]})
+    tracker.set_tags(run_id, {"reused": manifest["reused"], "output": manifest["output"],
+                              "stage_key": manifest["key"],
+                              **{f"info.{k}": v for k, v in manifest["info"].items()}})
+    tracker.log_artifact(run_id, Path(manifest["dir"]) / "manifest.json")
+    for path in manifest["artifacts"].values():
+        tracker.log_artifact(run_id, path)
+    tracker.finish(run_id)
+    return {**manifest, "mlflow_run_id": run_id}
+
+
+def _fingerprint(paths: list[str]) -> list[list]:
+    """Names, sizes and modification times of local inputs: a cheap change detector."""
+    rows = []
+    for root in paths:
+        root_path = Path(root)
+        files = sorted(p for p in root_path.rglob("*") if p.is_file()) if root_path.is_dir() \
+            else [root_path]
+        for file in files:
+            stat = file.stat() if file.exists() else None
+            rows.append([str(file.resolve()), stat.st_size if stat else -1,
+                         stat.st_mtime_ns if stat else -1])
+    return rows
+
+
+@task(name="crawl", retries=2, retry_delay_seconds=[5, 30], **RETRIES)
+def crawl_stage(config: PipelineConfig, ctx: RunContext) -> Manifest:
+    """Read local documents (source.paths), or crawl the seeds or the embedded Python docs."""
+    if config.source.paths:
+        return run_tracked(
+            ctx, "crawl", config.source,
+            lambda out, _: tasks.sources.ingest_local(config.source, out),
+            code=[tasks.sources], extra_key={"files": _fingerprint(config.source.paths)})
+
+    snapshot = tasks.crawl.resolve_snapshot(config.crawl.snapshot)
+
+    def build(out_dir: Path, _) -> dict:
+        if config.crawl.seeds:
+            return tasks.crawl.crawl(config.crawl, out_dir)
+        from tasks.docserver import serve_python_docs
+
+        with serve_python_docs() as url:
+            get_run_logger().info("crawl: serving this Python's documentation at %s", url)
+            return tasks.crawl.crawl(config.crawl, out_dir, seeds=[url])
+
+    extra = {"snapshot": snapshot}
+    if not config.crawl.seeds:
+        extra["python_docs"] = platform.python_version()
+    return run_tracked(ctx, "crawl", config.crawl, build, code=[tasks.crawl], extra_key=extra)
+
+
+def _data_stage(name: str, core: Callable, module) -> Callable:
+    @task(name=name, retries=1, retry_delay_seconds=5, **RETRIES)
+    def stage(section: BaseModel, upstream: Manifest, ctx: RunContext) -> Manifest:
+        return run_tracked(ctx, name, section,
+                           lambda out, _: core(section, Path(upstream["output"]), out),
+                           inputs=[upstream], code=[module])
+    stage.__doc__ = core.__doc__
+    return stage
+
+
+extract_stage = _data_stage("extract", tasks.extract.extract_text, tasks.extract)
+filter_stage = _data_stage("filter", tasks.filter.filter_documents, tasks.filter)
+dedup_stage = _data_stage("dedup", tasks.dedup.deduplicate, tasks.dedup)
+pii_stage = _data_stage("pii", tasks.pii.scrub_pii, tasks.pii)
+
+MODEL_CODE = [Path(models.__file__).parent]
+
+
+@task(name="tokenize", retries=1, **RETRIES)
+def tokenize_stage(config: PipelineConfig, corpus: Manifest, ctx: RunContext) -> Manifest:
+    return run_tracked(
+        ctx, "tokenize", config.tokenize,
+        lambda out, _: tasks.tokenize.tokenize_corpus(config.tokenize, Path(corpus["output"]), out),
+        inputs=[corpus], code=[tasks.tokenize])
+
+
+@task(name="pretrain", **RETRIES)
+def pretrain_stage(config: PipelineConfig, tokens: Manifest, ctx: RunContext) -> Manifest:
+    return run_tracked(
+        ctx, "pretrain", config.pretrain,
+        lambda out, on_metrics: tasks.pretrain.pretrain(
+            config.pretrain, Path(tokens["output"]), out, on_metrics=on_metrics),
+        inputs=[tokens], code=[tasks.pretrain, *MODEL_CODE])
+
+
+@task(name="finetune", **RETRIES)
+def finetune_stage(config: PipelineConfig, tokens: Manifest, pretrained: Manifest,
+                   corpus: Manifest, ctx: RunContext) -> Manifest:
+    extra = {"data": _fingerprint([config.finetune.data_path])} if config.finetune.data_path \
+        else None
+    return run_tracked(
+        ctx, "finetune", config.finetune,
+        lambda out, on_metrics: tasks.finetune.finetune(
+            config.finetune, Path(tokens["output"]), Path(pretrained["output"]),
+            Path(corpus["output"]), out, on_metrics=on_metrics),
+        inputs=[tokens, pretrained, corpus], code=[tasks.finetune, *MODEL_CODE], extra_key=extra)
+
+
+@task(name="evaluate", retries=1, **RETRIES)
+def evaluate_stage(config: PipelineConfig, tokens: Manifest, pretrained: Manifest,
+                   finetuned: Manifest | None, ctx: RunContext) -> Manifest:
+    inputs = [tokens, pretrained] + ([finetuned] if finetuned else [])
+    return run_tracked(
+        ctx, "evaluate", config.evaluate,
+        lambda out, _: tasks.evaluate.evaluate(
+            config.evaluate, Path(tokens["output"]), Path(pretrained["output"]),
+            Path(finetuned["output"]) if finetuned else None, out),
+        inputs=inputs, code=[tasks.evaluate, *MODEL_CODE])
+
+
+DATA_STAGE_TASKS = {"extract": extract_stage, "filter": filter_stage,
+                    "dedup": dedup_stage, "pii": pii_stage}

@@ -1,0 +1,133 @@
+"""MLflow bookkeeping: one parent run per pipeline run, one nested run per stage.
+
+MLflow's active run is thread-local and Prefect may run tasks in worker threads, so
+everything here logs to an explicit run id through ``MlflowClient``; nothing relies on
+``mlflow.active_run()``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+FLOW_RUN_TAG = "prefect.flow_run_id"
+MAX_BATCH = 100  # MLflow's log_batch takes at most 100 params / 1000 metrics per call
+
+
+def tracking_uri(workdir: str | os.PathLike) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else an embedded SQLite store in the work directory."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{(Path(workdir) / 'mlflow.db').resolve()}"
+
+
+def ui_command(uri: str, workdir: str | os.PathLike) -> str:
+    """How a person opens the MLflow UI for this store."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f".venv/bin/mlflow ui --backend-store-uri {uri} --port 5000"
+
+
+def _numeric(stats: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in stats.items():
+        if isinstance(value, bool):
+            value = int(value)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            out[key] = float(value)
+    return out
+
+
+def _param_value(value: Any) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text[:6000]
+
+
+class Tracker:
+    """Logs a pipeline run to MLflow through explicit run ids."""
+
+    def __init__(self, uri: str, experiment: str, artifact_root: str | os.PathLike | None = None):
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is not None:
+            self.experiment_id = found.experiment_id
+        else:
+            location = None
+            if artifact_root is not None and not uri.startswith(("http://", "https://")):
+                location = Path(artifact_root).resolve().as_uri()
+            self.experiment_id = self.client.create_experiment(experiment,
+                                                               artifact_location=location)
+
+    # runs -----------------------------------------------------------------------------
+    def start_parent(self, name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+        """The pipeline's run; a retried Prefect flow run continues its unfinished run."""
+        flow_run_id = tags.get(FLOW_RUN_TAG)
+        if flow_run_id:
+            previous = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}' "
+                              "and tags.`forgeline.kind` = 'pipeline'",
+                max_results=1)
+            if previous:
+                run_id = previous[0].info.run_id
+                self.client.update_run(run_id, status="RUNNING")
+                return run_id
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={**tags, "forgeline.kind": "pipeline"})
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def start_stage(self, parent_id: str, stage: str, params: dict[str, Any],
+                    tags: dict[str, str] | None = None) -> str:
+        run = self.client.create_run(
+            self.experiment_id, run_name=stage,
+            tags={"mlflow.parentRunId": parent_id, "forgeline.kind": "stage",
+                  "forgeline.stage": stage, **(tags or {})})
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def finish(self, run_id: str, ok: bool = True) -> None:
+        self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+
+    # logging --------------------------------------------------------------------------
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        items = [Param(k, _param_value(v)) for k, v in params.items()]
+        for i in range(0, len(items), MAX_BATCH):
+            self.client.log_batch(run_id, params=items[i:i + MAX_BATCH])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, v, now, step) for k, v in _numeric(metrics).items()]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[i:i + 1000])
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, run_id: str, path: str | os.PathLike,
+                     artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(run_id, str(path), artifact_path)
+        elif path.exists():
+            self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def metrics_callback(self, run_id: str) -> Callable[[dict[str, float], int], None]:
+        """For training loops: ``on_metrics(metrics, step)`` logs to ``run_id``."""
+        def on_metrics(metrics: dict[str, float], step: int) -> None:
+            self.log_metrics(run_id, metrics, step)
+        return on_metrics
+
+    def run_url(self, run_id: str) -> str | None:
+        if self.uri.startswith(("http://", "https://")):
+            return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        return None
