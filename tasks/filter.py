@@ -1,0 +1,362 @@
+"""Filter: drop low-quality documents with Gopher/C4-style heuristic rules.
+
+Each rule is a small function ``(text, config) -> reason | None``; the rules run in the
+order of ``RULES`` and the first one that fails names the reason a document was removed.
+The rules and their default thresholds follow Rae et al. 2021 ("Scaling Language Models:
+Methods, Analysis & Insights from Training Gopher", appendix A), as implemented in
+datatrove's GopherQualityFilter and GopherRepetitionFilter. The repetition thresholds are
+looser than Gopher's by default because Python documentation, the default corpus, repeats
+inherited methods on every class page (see the field descriptions for Gopher's values).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import string
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tasks.progress import progress
+from tasks.shards import ShardWriter, count_records, iter_records, shard_paths
+from tasks.stage import StageInputError
+
+log = logging.getLogger(__name__)
+
+
+class FilterConfig(BaseModel):
+    """Quality thresholds; a document failing any rule is removed with that rule's reason."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="Run this stage; when off, every document is kept.")
+    min_words: int = Field(
+        50, ge=0, description="Gopher: documents with fewer words are removed (too_few_words). "
+                              "Words are whitespace-separated tokens that are not only "
+                              "punctuation.")
+    max_words: int = Field(
+        100_000, ge=1, description="Gopher: documents with more words are removed "
+                                   "(too_many_words).")
+    min_mean_word_length: float = Field(
+        3.0, ge=0, description="Gopher: documents whose mean word length (characters) is below "
+                               "this are removed (mean_word_length).")
+    max_mean_word_length: float = Field(
+        10.0, ge=0, description="Gopher: documents whose mean word length is above this are "
+                                "removed (mean_word_length); on pydoc pages only stub "
+                                "modules and bare package listings exceed it.")
+    max_symbol_to_word_ratio: float = Field(
+        0.1, ge=0, description="Gopher: maximum count of '#' and ellipses ('...', '…') per "
+                               "word (symbol_ratio). Doctest continuation lines ('...') count, "
+                               "so raise this for code-heavy corpora.")
+    max_bullet_line_fraction: float = Field(
+        0.9, ge=0, le=1, description="Gopher: maximum fraction of lines starting with a bullet "
+                                     "(•, -, *, ‣, ▪) (bullet_lines).")
+    max_ellipsis_line_fraction: float = Field(
+        0.3, ge=0, le=1, description="Gopher: maximum fraction of lines ending with an ellipsis, "
+                                     "typical of truncated teaser lists (ellipsis_lines).")
+    min_alpha_word_fraction: float = Field(
+        0.8, ge=0, le=1, description="Gopher: minimum fraction of words that contain a letter "
+                                     "(alpha_words). Code identifiers count as words with "
+                                     "letters, so Python documentation passes (median 0.99 on "
+                                     "pydoc pages); what fails are tables of numeric constants "
+                                     "(errno, stat, token) and symbol soup.")
+    min_stopwords: int = Field(
+        2, ge=0, description="Gopher: minimum number of English stop words (the, be, to, of, "
+                             "and, that, have, with) a document must contain, a cheap sign "
+                             "of running English prose (stopwords). 0 disables.")
+    # Python documentation repeats itself by design: every class page lists the methods it
+    # inherits, with their docstrings. Gopher's repetition thresholds remove 43% of pydoc
+    # pages holding 76% of the text, so the defaults below are looser; the Gopher values,
+    # better for web crawls, are given in each description.
+    max_duplicate_line_fraction: float = Field(
+        0.75, ge=0, le=1, description="Maximum fraction of lines that repeat an earlier line "
+                                      "(duplicate_lines). Gopher: 0.3, which removes most "
+                                      "pydoc class pages (inherited methods repeat).")
+    max_duplicate_line_char_fraction: float = Field(
+        0.7, ge=0, le=1, description="Maximum fraction of characters in lines that repeat an "
+                                     "earlier line (duplicate_line_chars). Gopher: 0.2.")
+    max_duplicate_paragraph_fraction: float = Field(
+        0.75, ge=0, le=1, description="Maximum fraction of paragraphs (blocks separated by "
+                                      "blank lines) that repeat an earlier one "
+                                      "(duplicate_paragraphs). Gopher: 0.3.")
+    max_duplicate_paragraph_char_fraction: float = Field(
+        0.7, ge=0, le=1, description="Maximum fraction of characters in repeated paragraphs "
+                                     "(duplicate_paragraph_chars). Gopher: 0.2.")
+    max_top_2gram_char_fraction: float = Field(
+        0.20, ge=0, le=1, description="Gopher: maximum fraction of characters covered by the "
+                                      "most frequent word 2-gram (top_ngram).")
+    max_top_3gram_char_fraction: float = Field(
+        0.18, ge=0, le=1, description="Gopher: same for the most frequent 3-gram (top_ngram).")
+    max_top_4gram_char_fraction: float = Field(
+        0.16, ge=0, le=1, description="Gopher: same for the most frequent 4-gram (top_ngram).")
+    max_duplicate_5gram_char_fraction: float = Field(
+        0.60, ge=0, le=1, description="Maximum fraction of characters inside word 5-grams "
+                                      "seen earlier in the document (duplicate_ngram). "
+                                      "Gopher: 0.15.")
+    max_duplicate_6gram_char_fraction: float = Field(
+        0.59, ge=0, le=1, description="Same for 6-grams (duplicate_ngram). Gopher: 0.14.")
+    max_duplicate_7gram_char_fraction: float = Field(
+        0.58, ge=0, le=1, description="Same for 7-grams (duplicate_ngram). Gopher: 0.13.")
+    max_duplicate_8gram_char_fraction: float = Field(
+        0.57, ge=0, le=1, description="Same for 8-grams (duplicate_ngram). Gopher: 0.12.")
+    max_duplicate_9gram_char_fraction: float = Field(
+        0.56, ge=0, le=1, description="Same for 9-grams (duplicate_ngram). Gopher: 0.11.")
+    max_duplicate_10gram_char_fraction: float = Field(
+        0.55, ge=0, le=1, description="Same for 10-grams (duplicate_ngram). Gopher: 0.10.")
+    shard_size: int = Field(1000, ge=1, description="Documents per output parquet shard.")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> FilterConfig:
+        if self.min_words > self.max_words:
+            raise ValueError(f"filter.min_words ({self.min_words}) is above filter.max_words "
+                             f"({self.max_words})")
+        if self.min_mean_word_length > self.max_mean_word_length:
+            raise ValueError("filter.min_mean_word_length is above filter.max_mean_word_length")
+        return self
+
+
+STOPWORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
+BULLETS = ("•", "-", "*", "‣", "▪", "●", "◦", "–")
+ELLIPSES = ("...", "…")
+_PUNCTUATION = string.punctuation + "…–—‘’“”«»•‣▪●◦"
+_PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
+
+
+# Several rules look at the same words and lines; caching the split on the (immutable,
+# hash-cached) text means each document is tokenized once, not once per rule.
+@lru_cache(maxsize=4)
+def words(text: str) -> tuple[str, ...]:
+    """Whitespace tokens with surrounding punctuation stripped; punctuation-only ones dropped."""
+    stripped = (token.strip(_PUNCTUATION) for token in text.split())
+    return tuple(w for w in stripped if w)
+
+
+@lru_cache(maxsize=4)
+def lines(text: str) -> tuple[str, ...]:
+    """Non-empty lines, stripped."""
+    return tuple(s for s in (line.strip() for line in text.split("\n")) if s)
+
+
+@lru_cache(maxsize=4)
+def paragraphs(text: str) -> tuple[str, ...]:
+    return tuple(p for p in (p.strip() for p in _PARAGRAPH_BREAK.split(text)) if p)
+
+
+def duplicate_share(items: Sequence[str]) -> tuple[float, int]:
+    """(fraction of items that repeat an earlier item, characters in those repeats)."""
+    seen: set[str] = set()
+    count = chars = 0
+    for item in items:
+        if item in seen:
+            count += 1
+            chars += len(item)
+        else:
+            seen.add(item)
+    return (count / len(items) if items else 0.0), chars
+
+
+def ngrams(tokens: Sequence[str], n: int) -> list[str]:
+    return [" ".join(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def top_ngram_char_fraction(text: str, n: int) -> float:
+    """Share of the text's characters taken by the most frequent word n-gram (if repeated)."""
+    grams = ngrams(words(text), n)
+    if not grams or not text:
+        return 0.0
+    gram, count = Counter(grams).most_common(1)[0]
+    return len(gram) * count / len(text) if count > 1 else 0.0
+
+
+def duplicate_ngram_char_fraction(text: str, n: int) -> float:
+    """Share of characters inside n-grams seen earlier in the text.
+
+    After a repeat the scan jumps past it, so overlapping repeats are not counted twice
+    (as in Gopher: a sentence repeated once counts its length once).
+    """
+    tokens = words(text)
+    if len(tokens) < n or not text:
+        return 0.0
+    seen: set[tuple[str, ...]] = set()
+    repeated = 0
+    i = 0
+    while i <= len(tokens) - n:
+        gram = tokens[i:i + n]
+        if gram in seen:
+            repeated += sum(len(t) for t in gram) + n - 1
+            i += n
+        else:
+            seen.add(gram)
+            i += 1
+    return repeated / len(text)
+
+
+# ---- rules: (text, config) -> removal reason or None ------------------------------------
+
+def word_count_rule(text: str, config: FilterConfig) -> str | None:
+    count = len(words(text))
+    if count < config.min_words:
+        return "too_few_words"
+    if count > config.max_words:
+        return "too_many_words"
+    return None
+
+
+def mean_word_length_rule(text: str, config: FilterConfig) -> str | None:
+    tokens = words(text)
+    mean = sum(map(len, tokens)) / len(tokens) if tokens else 0.0
+    if not config.min_mean_word_length <= mean <= config.max_mean_word_length:
+        return "mean_word_length"
+    return None
+
+
+def symbol_ratio_rule(text: str, config: FilterConfig) -> str | None:
+    symbols = text.count("#") + text.count("...") + text.count("…")
+    if symbols / max(1, len(words(text))) > config.max_symbol_to_word_ratio:
+        return "symbol_ratio"
+    return None
+
+
+def bullet_lines_rule(text: str, config: FilterConfig) -> str | None:
+    all_lines = lines(text)
+    bullets = sum(line.startswith(BULLETS) for line in all_lines)
+    if all_lines and bullets / len(all_lines) > config.max_bullet_line_fraction:
+        return "bullet_lines"
+    return None
+
+
+def ellipsis_lines_rule(text: str, config: FilterConfig) -> str | None:
+    all_lines = lines(text)
+    ellipses = sum(line.endswith(ELLIPSES) for line in all_lines)
+    if all_lines and ellipses / len(all_lines) > config.max_ellipsis_line_fraction:
+        return "ellipsis_lines"
+    return None
+
+
+def alpha_words_rule(text: str, config: FilterConfig) -> str | None:
+    tokens = words(text)
+    alpha = sum(any(c.isalpha() for c in w) for w in tokens)
+    if tokens and alpha / len(tokens) < config.min_alpha_word_fraction:
+        return "alpha_words"
+    return None
+
+
+def stopwords_rule(text: str, config: FilterConfig) -> str | None:
+    found = sum(w.lower() in STOPWORDS for w in words(text))
+    return "stopwords" if found < config.min_stopwords else None
+
+
+def duplicate_lines_rule(text: str, config: FilterConfig) -> str | None:
+    fraction, chars = duplicate_share(lines(text))
+    if fraction > config.max_duplicate_line_fraction:
+        return "duplicate_lines"
+    if chars / max(1, len(text)) > config.max_duplicate_line_char_fraction:
+        return "duplicate_line_chars"
+    return None
+
+
+def duplicate_paragraphs_rule(text: str, config: FilterConfig) -> str | None:
+    fraction, chars = duplicate_share(paragraphs(text))
+    if fraction > config.max_duplicate_paragraph_fraction:
+        return "duplicate_paragraphs"
+    if chars / max(1, len(text)) > config.max_duplicate_paragraph_char_fraction:
+        return "duplicate_paragraph_chars"
+    return None
+
+
+def top_ngram_rule(text: str, config: FilterConfig) -> str | None:
+    for n in (2, 3, 4):
+        limit = getattr(config, f"max_top_{n}gram_char_fraction")
+        if top_ngram_char_fraction(text, n) > limit:
+            return "top_ngram"
+    return None
+
+
+def duplicate_ngram_rule(text: str, config: FilterConfig) -> str | None:
+    for n in range(5, 11):
+        limit = getattr(config, f"max_duplicate_{n}gram_char_fraction")
+        if duplicate_ngram_char_fraction(text, n) > limit:
+            return "duplicate_ngram"
+    return None
+
+
+Rule = Callable[[str, FilterConfig], str | None]
+
+# Cheap rules first: most junk is caught before the n-gram scans run.
+RULES: tuple[Rule, ...] = (
+    word_count_rule, mean_word_length_rule, symbol_ratio_rule, bullet_lines_rule,
+    ellipsis_lines_rule, alpha_words_rule, stopwords_rule, duplicate_lines_rule,
+    duplicate_paragraphs_rule, top_ngram_rule, duplicate_ngram_rule,
+)
+REASONS = ("too_few_words", "too_many_words", "mean_word_length", "symbol_ratio",
+           "bullet_lines", "ellipsis_lines", "alpha_words", "stopwords", "duplicate_lines",
+           "duplicate_line_chars", "duplicate_paragraphs", "duplicate_paragraph_chars",
+           "top_ngram", "duplicate_ngram")
+# Which setting to loosen for each reason, for the error raised when nothing is left.
+_SETTINGS = {
+    "too_few_words": "min_words", "too_many_words": "max_words",
+    "mean_word_length": "min/max_mean_word_length", "symbol_ratio": "max_symbol_to_word_ratio",
+    "bullet_lines": "max_bullet_line_fraction", "ellipsis_lines": "max_ellipsis_line_fraction",
+    "alpha_words": "min_alpha_word_fraction", "stopwords": "min_stopwords",
+    "duplicate_lines": "max_duplicate_line_fraction",
+    "duplicate_line_chars": "max_duplicate_line_char_fraction",
+    "duplicate_paragraphs": "max_duplicate_paragraph_fraction",
+    "duplicate_paragraph_chars": "max_duplicate_paragraph_char_fraction",
+    "top_ngram": "max_top_<n>gram_char_fraction",
+    "duplicate_ngram": "max_duplicate_<n>gram_char_fraction",
+}
+
+
+def check(text: str, config: FilterConfig) -> str | None:
+    """The reason of the first failing rule, or None when the document passes all of them."""
+    for rule in RULES:
+        reason = rule(text, config)
+        if reason is not None:
+            return reason
+    return None
+
+
+def _nothing_left_message(stats: dict) -> str:
+    counts = {r: stats[f"removed_{r}"] for r in REASONS if stats[f"removed_{r}"]}
+    worst = sorted(counts, key=counts.get, reverse=True)
+    listing = ", ".join(f"{r}: {counts[r]}" for r in worst)
+    loosen = ", ".join(f"filter.{_SETTINGS[r]}" for r in worst[:2])
+    return (f"all {stats['input_documents']} documents were removed ({listing}); loosen "
+            f"{loosen}, disable the stage (filter.enabled=false), or check the source")
+
+
+def filter_documents(config: FilterConfig, input_dir: Path, out_dir: Path) -> dict:
+    """Keep documents that pass every quality rule; the others go to removed/ with a reason."""
+    input_dir, out_dir = Path(input_dir), Path(out_dir)
+    if not shard_paths(input_dir):
+        raise StageInputError("filter", f"no shard-*.parquet files in {input_dir}; run the "
+                                        "extract stage first")
+    total = count_records(input_dir)
+    if total == 0:
+        raise StageInputError("filter", f"the input {input_dir} holds no documents; check the "
+                                        "earlier stages' removed/ folders")
+    started = time.perf_counter()
+    stats = {"input_documents": 0, "kept": 0, **{f"removed_{r}": 0 for r in REASONS}}
+    with ShardWriter(out_dir / "data", config.shard_size) as kept, \
+            ShardWriter(out_dir / "removed", config.shard_size) as removed:
+        for record in progress(iter_records(input_dir), desc="filter", unit="doc", total=total):
+            stats["input_documents"] += 1
+            text = record.get("text") or ""
+            reason = check(text, config)
+            if reason is None:
+                stats["kept"] += 1
+                kept.add(record)
+            else:
+                stats[f"removed_{reason}"] += 1
+                removed.add({**record, "reason": reason, "words": len(words(text))})
+    log.info("filter: kept %d of %d documents in %.1fs; removed %s", stats["kept"],
+             stats["input_documents"], time.perf_counter() - started,
+             {r: stats[f"removed_{r}"] for r in REASONS if stats[f"removed_{r}"]} or "none")
+    if stats["kept"] == 0:
+        raise StageInputError("filter", _nothing_left_message(stats))
+    return {"count": stats["kept"], "stats": stats}
