@@ -13,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
-import torch.nn as nn
+from torch import nn
 from torch.nn import functional as F
 
 IGNORE_INDEX = -100
@@ -197,7 +197,7 @@ class Llama(nn.Module):
         ``loss_mask`` (B, T), true where a target counts, restricts the loss (e.g. to the
         response tokens in fine-tuning); targets equal to IGNORE_INDEX never count.
         """
-        B, T = idx.shape
+        T = idx.size(1)
         if T > self.config.context_length:
             raise ValueError(f"sequence length {T} exceeds context_length "
                              f"{self.config.context_length}")

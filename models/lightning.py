@@ -1,0 +1,178 @@
+"""Lightning wrappers for training the decoder: causal-LM pretraining, supervised
+fine-tuning, a metrics callback that feeds the caller's tracker, and the Trainer setup
+shared by both stages.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from models.llama import Llama
+
+MetricsFn = Callable[[dict[str, float], int], None]
+
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``max_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class CausalLM(L.LightningModule):
+    """Next-token prediction on (inputs, targets) batches, AdamW with warmup + cosine LR."""
+
+    def __init__(self, model: Llama, learning_rate: float, weight_decay: float,
+                 warmup_steps: int, max_steps: int, min_lr_ratio: float,
+                 betas: tuple[float, float] = (0.9, 0.95)):
+        super().__init__()
+        self.model = model
+        self.forward_fn: Callable = model  # replaced by a compiled version with compile()
+        self.learning_rate, self.weight_decay, self.betas = learning_rate, weight_decay, betas
+        self.warmup_steps, self.max_steps, self.min_lr_ratio = (
+            warmup_steps, max_steps, min_lr_ratio)
+        self.last_loss: float | None = None
+
+    def compile(self) -> None:
+        self.forward_fn = torch.compile(self.model)
+
+    def compute_loss(self, batch) -> torch.Tensor:
+        inputs, targets = batch[0], batch[1]
+        return self.forward_fn(inputs, targets)[1]
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss = self.compute_loss(batch)
+        self.last_loss = loss.detach().item()
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self.log("val_loss", self.compute_loss(batch), prog_bar=True, on_epoch=True)
+
+    def configure_optimizers(self):
+        # decay matrices only: norms' gains are not weights to shrink toward zero
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2],
+                   "weight_decay": self.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, betas=self.betas)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, self.warmup_steps, self.max_steps,
+                                              self.min_lr_ratio))
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class SupervisedFineTuning(CausalLM):
+    """Fine-tuning on (inputs, targets, loss_mask) batches: only response tokens count."""
+
+    def compute_loss(self, batch) -> torch.Tensor:
+        inputs, targets, loss_mask = batch
+        return self.forward_fn(inputs, targets, loss_mask)[1]
+
+
+class MetricsCallback(Callback):
+    """Records the loss history and forwards metrics to ``on_metrics(metrics, step)``.
+
+    Every optimizer step's train loss (mean over its micro-batches) is kept for the loss
+    curve; every ``log_every`` steps the caller gets train_loss, lr and tokens_per_second,
+    and after each validation val_loss.
+    """
+
+    def __init__(self, on_metrics: MetricsFn | None, log_every: int):
+        self.on_metrics, self.log_every = on_metrics, max(1, log_every)
+        self.train_history: list[tuple[int, float]] = []
+        self.val_history: list[tuple[int, float]] = []
+        self.tokens_seen = 0
+        self._micro_losses: list[float] = []
+        self._last_step = 0
+        self._window_tokens = 0
+        self._window_start = time.perf_counter()
+        self.train_seconds = 0.0
+        self._step_started: float | None = None
+
+    def _emit(self, metrics: dict[str, float], step: int) -> None:
+        if self.on_metrics is not None:
+            self.on_metrics(metrics, step)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step_started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.train_seconds += time.perf_counter() - (self._step_started or time.perf_counter())
+        tokens = batch[0].numel()
+        self.tokens_seen += tokens
+        self._window_tokens += tokens
+        if pl_module.last_loss is not None:
+            self._micro_losses.append(pl_module.last_loss)
+        step = trainer.global_step
+        if step == self._last_step or not self._micro_losses:
+            return  # still accumulating gradients for this optimizer step
+        loss = sum(self._micro_losses) / len(self._micro_losses)
+        self._micro_losses = []
+        self._last_step = step
+        self.train_history.append((step, loss))
+        if step % self.log_every == 0 or step == 1:
+            elapsed = time.perf_counter() - self._window_start
+            self._emit({"train_loss": loss,
+                        "lr": trainer.optimizers[0].param_groups[0]["lr"],
+                        "tokens_per_second": self._window_tokens / max(elapsed, 1e-9)}, step)
+            self._window_tokens, self._window_start = 0, time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or "val_loss" not in trainer.callback_metrics:
+            return
+        val_loss = float(trainer.callback_metrics["val_loss"])
+        self.val_history.append((trainer.global_step, val_loss))
+        self._emit({"val_loss": val_loss}, trainer.global_step)
+        self._window_start = time.perf_counter()  # validation time is not training speed
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """``"auto"``: bf16 mixed precision on a CUDA GPU that supports it, else full float32."""
+    if precision != "auto":
+        return precision
+    wants_gpu = accelerator in {"auto", "gpu", "cuda"}
+    if wants_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def show_progress() -> bool:
+    """Progress bars follow the project rule: on a terminal, or as FORGELINE_PROGRESS says."""
+    setting = os.environ.get("FORGELINE_PROGRESS", "").strip()
+    if setting:
+        return setting not in {"0", "false", "no"}
+    return sys.stderr.isatty()
+
+
+def set_threads(num_threads: int) -> None:
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls: free speed on Ampere+
+
+
+def make_trainer(*, max_steps: int, grad_accum: int, grad_clip: float, val_every_steps: int,
+                 precision: str, accelerator: str, devices: str | int, strategy: str,
+                 callbacks: list[Callback], root_dir: str | os.PathLike) -> L.Trainer:
+    """A Trainer counted in optimizer steps, without its own logger or checkpoints: the
+    caller tracks metrics (through the callback) and saves the model itself."""
+    return L.Trainer(
+        max_steps=max_steps, max_epochs=-1, accumulate_grad_batches=grad_accum,
+        gradient_clip_val=grad_clip if grad_clip > 0 else None,
+        val_check_interval=val_every_steps * grad_accum, check_val_every_n_epoch=None,
+        num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=show_progress(), enable_model_summary=False,
+        precision=precision, accelerator=accelerator, devices=devices, strategy=strategy,
+        callbacks=callbacks, default_root_dir=str(root_dir),
+    )

@@ -1,0 +1,160 @@
+"""Evaluate stage: how well the models predict held-out text, against a unigram baseline,
+and what they write.
+
+Losses are measured over non-overlapping windows of ``val.bin`` (every target token scored
+once). Perplexity is ``exp(loss)``; bits per byte divides the total information by the
+UTF-8 bytes of the evaluated text, which makes numbers comparable across tokenizers. The
+unigram baseline (add-one smoothed token frequencies of ``train.bin``) is what a model
+that ignores context achieves: a trained model must beat it clearly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.checkpoint import load_model
+from models.data import StridedWindows, open_tokens, read_meta
+from models.evaluation import (
+    bits_per_byte,
+    evaluate_loss,
+    pick_device,
+    unigram_cross_entropy,
+    unigram_log_probs,
+)
+from models.llama import Llama
+from tasks.shards import write_text_atomic
+from tasks.stage import StageInputError
+
+log = logging.getLogger(__name__)
+
+STAGE = "evaluate"
+DEFAULT_PROMPTS = [
+    "The json module",
+    "def ",
+    "class ",
+    "### Title: json — JSON encoder and decoder\n### Text:\n",
+]
+
+
+class EvaluateConfig(BaseModel):
+    """Validation metrics and text samples."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    val_batches: int = Field(
+        0, ge=0, description="Validation batches to score; 0 = the whole validation set.")
+    batch_size: int = Field(16, ge=1, description="Windows per evaluation batch.")
+    num_samples: int = Field(
+        1, ge=0, le=20, description="Generations per prompt written to samples.md.")
+    sample_prompts: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_PROMPTS),
+        description="Prompts to continue; the '### Title:' one uses the fine-tuning template.")
+    max_new_tokens: int = Field(
+        80, ge=1, le=4096, description="Tokens generated per sample.")
+    temperature: float = Field(
+        0.8, ge=0.0, description="Sampling temperature; 0 = always the most likely token.")
+    top_k: int | None = Field(
+        40, ge=1, description="Sample only among the k most likely tokens; empty = all.")
+    seed: int = Field(0, description="Seed for sampling.")
+    accelerator: str = Field("auto", description="'auto' (a CUDA GPU when present) or 'cpu'.")
+
+
+def model_metrics(model: Llama, data: StridedWindows, meta: dict, batch_size: int,
+                  device: torch.device) -> dict:
+    """Loss, perplexity and bits per byte of ``model`` on the evaluated windows."""
+    loss, tokens = evaluate_loss(model, data, batch_size, device)
+    # only part of val.bin may be scored: credit it with its share of the bytes
+    scored_bytes = meta["val_bytes"] * tokens / meta["val_tokens"]
+    return {"val_loss": loss, "val_perplexity": math.exp(loss),
+            "bits_per_byte": bits_per_byte(loss, tokens, scored_bytes), "tokens": tokens}
+
+
+def baseline_metrics(tokenized_dir: Path, meta: dict, data: StridedWindows) -> dict:
+    """The unigram model's metrics on exactly the targets the models were scored on."""
+    log_probs = unigram_log_probs(open_tokens(tokenized_dir / "train.bin", meta["dtype"]),
+                                  meta["vocab_size"])
+    val = open_tokens(tokenized_dir / "val.bin", meta["dtype"])
+    targets = np.concatenate([val[s + 1:s + 1 + data.context_length] for s in data.starts])
+    loss = unigram_cross_entropy(log_probs, targets.astype(np.int64))
+    scored_bytes = meta["val_bytes"] * len(targets) / meta["val_tokens"]
+    return {"val_loss": loss, "val_perplexity": math.exp(loss),
+            "bits_per_byte": bits_per_byte(loss, len(targets), scored_bytes)}
+
+
+def write_samples(path: Path, config: EvaluateConfig, model: Llama, label: str,
+                  sp: spm.SentencePieceProcessor, eos_id: int, device: torch.device) -> list[dict]:
+    """Continue each prompt ``num_samples`` times; writes samples.md and returns the rows."""
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    rows = []
+    settings = (f"temperature {config.temperature}, top_k {config.top_k}, "
+                f"{config.max_new_tokens} new tokens at most")
+    lines = [f"# Samples from the {label} model", "", settings, ""]
+    for prompt in config.sample_prompts:
+        # a leading EOS marks "start of a document", as every document followed one in training
+        idx = torch.tensor([[eos_id] + sp.encode(prompt)], device=device)
+        lines += [f"## {prompt.strip() or repr(prompt)}", ""]
+        for _ in range(config.num_samples):
+            out = model.generate(idx, config.max_new_tokens, config.temperature, config.top_k,
+                                 stop_token=eos_id, generator=generator)
+            new = [t for t in out[0, idx.size(1):].tolist() if t != eos_id]
+            text = sp.decode(new)
+            rows.append({"prompt": prompt, "completion": text})
+            lines += ["```text", prompt + text, "```", ""]
+    write_text_atomic(path, "\n".join(lines))
+    return rows
+
+
+def evaluate(config: EvaluateConfig, tokenized_dir: Path, pretrained_dir: Path,
+             finetuned_dir: Path | None, out_dir: Path) -> dict:
+    """Score the pretrained (and fine-tuned) model on val.bin; write the report and samples."""
+    started = time.perf_counter()
+    tokenized_dir, out_dir = Path(tokenized_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = read_meta(tokenized_dir)
+    device = pick_device(config.accelerator)
+    models = {"pretrained": load_model(Path(pretrained_dir) / "model.pt", device)}
+    if finetuned_dir is not None:
+        models["finetuned"] = load_model(Path(finetuned_dir) / "model.pt", device)
+    context = models["pretrained"].config.context_length
+    max_windows = config.val_batches * config.batch_size or None
+    data = StridedWindows(tokenized_dir / "val.bin", meta["dtype"], context, max_windows)
+    if len(data) == 0:
+        raise StageInputError(STAGE, f"val.bin holds {data.num_tokens} tokens, fewer than one "
+                                     f"window of {context + 1}; raise tokenize.val_fraction")
+
+    report: dict = {"evaluated_tokens": data.num_targets, "val_tokens": meta["val_tokens"],
+                    "val_bytes": meta["val_bytes"], "context_length": context,
+                    "unigram": baseline_metrics(tokenized_dir, meta, data)}
+    for name, model in models.items():
+        report[name] = model_metrics(model, data, meta, config.batch_size, device)
+        report[name]["ppl_ratio_vs_unigram"] = (report[name]["val_perplexity"]
+                                                / report["unigram"]["val_perplexity"])
+        log.info("evaluate: %s val loss %.3f, perplexity %.1f (unigram %.1f), %.3f bits/byte",
+                 name, report[name]["val_loss"], report[name]["val_perplexity"],
+                 report["unigram"]["val_perplexity"], report[name]["bits_per_byte"])
+
+    label = "finetuned" if "finetuned" in models else "pretrained"
+    sp = spm.SentencePieceProcessor(model_file=str(tokenized_dir / "tokenizer.model"))
+    report["samples"] = write_samples(out_dir / "samples.md", config, models[label], label, sp,
+                                      meta["eos_id"], device)
+    report["samples_model"] = label
+    write_text_atomic(out_dir / "eval_report.json", json.dumps(report, indent=2))
+
+    stats = {"evaluated_tokens": data.num_targets}
+    for name in ("unigram", *models):
+        for key, value in report[name].items():
+            if key != "tokens":
+                stats[f"{name}_{key}"] = round(value, 5)
+    stats["ppl_ratio_vs_unigram"] = stats["pretrained_ppl_ratio_vs_unigram"]
+    log.info("evaluate: done in %.1fs", time.perf_counter() - started)
+    return {"count": data.num_targets, "unit": "tokens", "stats": stats,
+            "artifacts": {"eval_report": "eval_report.json", "samples": "samples.md"}}

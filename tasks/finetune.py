@@ -1,0 +1,251 @@
+"""Finetune stage: supervised fine-tuning of the pretrained model on prompt/response pairs.
+
+Pairs come from a JSON-lines file (``data_path``) or, by default, from the corpus itself:
+the prompt is ``prompt_template`` filled with the document's title and the response is
+the beginning of the document (``response_chars`` characters). A tiny model can learn this
+within a minute, because documentation pages usually open by restating their title and
+then follow a house style; the pretrained model has never seen the template, so the loss
+on held-out pairs before and after fine-tuning shows plainly whether fine-tuning worked.
+Only response tokens are trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import lightning as L
+import sentencepiece as spm
+from pydantic import BaseModel, ConfigDict, Field
+from torch.utils.data import DataLoader
+
+from models.checkpoint import load_model, save_model
+from models.data import Pair, SFTDataset, collate_trimmed, read_meta
+from models.evaluation import evaluate_loss, pick_device, plot_loss_curve
+from models.lightning import (
+    MetricsCallback,
+    MetricsFn,
+    SupervisedFineTuning,
+    make_trainer,
+    resolve_precision,
+    set_threads,
+)
+from tasks.pretrain import copy_tokenizer
+from tasks.shards import iter_records, write_text_atomic
+from tasks.stage import StageInputError
+from tasks.tokenize import is_validation
+
+log = logging.getLogger(__name__)
+
+STAGE = "finetune"
+FIRST_STEPS = 5  # train_loss_first averages this many steps: one step alone is noisy
+
+
+class FinetuneConfig(BaseModel):
+    """Supervised fine-tuning: where the pairs come from and how long to train."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="Run fine-tuning; when off, evaluate uses the "
+                                            "pretrained model.")
+    data_path: str | None = Field(
+        None,
+        description="A .jsonl file of {\"prompt\": ..., \"response\": ...} records. Empty = "
+                    "derive title -> opening-text pairs from the corpus.")
+    max_pairs: int = Field(
+        2000, ge=2, description="Use at most this many pairs (the first ones), train + val.")
+    val_fraction: float = Field(
+        0.1, gt=0.0, lt=1.0,
+        description="Share of pairs held out to measure the loss before and after fine-tuning "
+                    "(chosen by a hash of the document id, stable across runs).")
+    prompt_template: str = Field(
+        "### Title: {title}\n### Text:\n",
+        description="Prompt for pairs derived from the corpus; {title} is the document title "
+                    "(or its first line, or its URL path, when it has none).")
+    response_chars: int = Field(
+        300, ge=10,
+        description="Characters from the start of the document that form the response of "
+                    "a derived pair (cut at a word boundary).")
+    learning_rate: float = Field(
+        5e-4, gt=0.0,
+        description="Peak AdamW learning rate; well below pretraining's, so the model "
+                    "learns the format without forgetting the language.")
+    min_lr_ratio: float = Field(
+        0.1, ge=0.0, le=1.0, description="Final learning rate as a fraction of the peak.")
+    weight_decay: float = Field(
+        0.0, ge=0.0, description="AdamW weight decay on weight matrices.")
+    warmup_steps: int = Field(10, ge=0, description="Optimizer steps of linear warmup.")
+    max_steps: int = Field(
+        60, ge=1,
+        description="Optimizer steps of fine-tuning; a few passes over a few hundred pairs "
+                    "(more overfits them).")
+    batch_size: int = Field(16, ge=1, description="Pairs per optimizer step.")
+    grad_clip: float = Field(1.0, ge=0.0, description="Gradient-norm clip; 0 = none.")
+    val_every_steps: int = Field(
+        20, ge=1, description="Measure the held-out loss every this many steps.")
+    log_every_steps: int = Field(
+        5, ge=1, description="Report train loss and learning rate every N steps.")
+    precision: str = Field(
+        "auto", description="Lightning precision: 'auto' = 'bf16-mixed' on a CUDA GPU with "
+                            "bf16, else '32-true'.")
+    accelerator: str = Field("auto", description="Lightning accelerator: 'auto', 'cpu', 'gpu'.")
+    devices: str | int = Field("auto", description="Devices to train on: 'auto' or a number.")
+    seed: int = Field(0, description="Seed for the order of pairs and dropout.")
+    num_threads: int = Field(
+        0, ge=0, description="CPU threads for torch; 0 = torch's default (all cores).")
+
+
+def document_title(record: dict) -> str:
+    """The title, else the first non-empty line (up to 80 characters), else the URL path."""
+    title = (record.get("title") or "").strip()
+    if title:
+        return title
+    for line in (record.get("text") or "").splitlines():
+        if line.strip():
+            return line.strip()[:80]
+    return urlparse(record.get("url") or "").path.strip("/") or "untitled"
+
+
+def opening_text(text: str, max_chars: int) -> str:
+    """The first ``max_chars`` characters, cut back to the last whitespace when possible."""
+    if len(text) <= max_chars:
+        return text
+    cut = text[:max_chars]
+    space = max(cut.rfind(" "), cut.rfind("\n"))
+    return cut[:space] if space > max_chars // 2 else cut
+
+
+def corpus_pairs(config: FinetuneConfig, corpus_dir: Path) -> list[tuple[str, Pair]]:
+    """(document id, pair) for the first ``max_pairs`` documents with text."""
+    pairs = []
+    for record in iter_records(corpus_dir):
+        text = (record.get("text") or "").strip()
+        if not text:
+            continue
+        prompt = config.prompt_template.replace("{title}", document_title(record))
+        pairs.append((str(record["id"]), Pair(prompt, opening_text(text, config.response_chars))))
+        if len(pairs) >= config.max_pairs:
+            break
+    return pairs
+
+
+def file_pairs(path: Path, max_pairs: int) -> list[tuple[str, Pair]]:
+    """Pairs from a JSON-lines file; a bad line is reported as file:line."""
+    if not path.is_file():
+        raise StageInputError(STAGE, f"finetune.data_path {path} does not exist or is not a file")
+    pairs = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StageInputError(STAGE, f"cannot read finetune.data_path {path}: {exc}") from exc
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise StageInputError(STAGE, f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(record, dict) or not all(
+                isinstance(record.get(k), str) and record[k].strip()
+                for k in ("prompt", "response")):
+            raise StageInputError(STAGE, f"{path}:{number}: expected an object with non-empty "
+                                         "string fields \"prompt\" and \"response\"")
+        pairs.append((f"{path.name}:{number}", Pair(record["prompt"], record["response"])))
+        if len(pairs) >= max_pairs:
+            break
+    return pairs
+
+
+def split_pairs(pairs: list[tuple[str, Pair]], val_fraction: float
+                ) -> tuple[list[Pair], list[Pair]]:
+    """Split by the same id hash as the tokenizer, so documents held out of pretraining are
+    held out here too; at least one pair lands on each side."""
+    if len(pairs) < 2:
+        raise StageInputError(STAGE, f"{len(pairs)} prompt/response pair(s) found; at least 2 "
+                                     "are needed (one to train, one to validate)")
+    train = [pair for key, pair in pairs if not is_validation(key, val_fraction)]
+    val = [pair for key, pair in pairs if is_validation(key, val_fraction)]
+    if not val:
+        val.append(train.pop())
+    if not train:
+        train.append(val.pop())
+    return train, val
+
+
+def finetune(config: FinetuneConfig, tokenized_dir: Path, pretrained_dir: Path,
+             corpus_dir: Path, out_dir: Path, on_metrics: MetricsFn | None = None) -> dict:
+    """Fine-tune the pretrained model on response tokens; returns losses before and after."""
+    tokenized_dir, pretrained_dir, out_dir = Path(tokenized_dir), Path(pretrained_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = read_meta(tokenized_dir)
+    pairs = (file_pairs(Path(config.data_path), config.max_pairs) if config.data_path
+             else corpus_pairs(config, Path(corpus_dir)))
+    train_pairs, val_pairs = split_pairs(pairs, config.val_fraction)
+
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    set_threads(config.num_threads)
+    model = load_model(pretrained_dir / "model.pt").train()
+    context = model.config.context_length
+    sp = spm.SentencePieceProcessor(model_file=str(tokenized_dir / "tokenizer.model"))
+    train_data = SFTDataset(train_pairs, sp, context, meta["eos_id"], meta["pad_id"])
+    val_data = SFTDataset(val_pairs, sp, context, meta["eos_id"], meta["pad_id"])
+    if len(train_data) == 0 or len(val_data) == 0:
+        raise StageInputError(STAGE, f"every prompt fills the model's context of {context} "
+                                     "tokens, leaving no room for a response; shorten the "
+                                     "prompts (finetune.prompt_template) or raise "
+                                     "pretrain.context_length")
+    log.info("finetune: %d train / %d val pairs (%d skipped: prompt longer than the context)",
+             len(train_data), len(val_data), train_data.skipped + val_data.skipped)
+
+    device = pick_device(config.accelerator)
+    val_before, _ = evaluate_loss(model.to(device), val_data, config.batch_size, device,
+                                  collate_trimmed)
+    module = SupervisedFineTuning(model, config.learning_rate, config.weight_decay,
+                                  config.warmup_steps, config.max_steps, config.min_lr_ratio)
+    callback = MetricsCallback(on_metrics, config.log_every_steps)
+    trainer = make_trainer(
+        max_steps=config.max_steps, grad_accum=1, grad_clip=config.grad_clip,
+        val_every_steps=config.val_every_steps, precision=resolve_precision(
+            config.precision, config.accelerator), accelerator=config.accelerator,
+        devices=config.devices, strategy="auto", callbacks=[callback], root_dir=out_dir)
+    started = time.perf_counter()
+    trainer.fit(module,
+                DataLoader(train_data, batch_size=config.batch_size, shuffle=True,
+                           collate_fn=collate_trimmed, drop_last=len(train_data) >= config.batch_size),
+                DataLoader(val_data, batch_size=config.batch_size, collate_fn=collate_trimmed))
+    seconds = time.perf_counter() - started
+    val_after, val_tokens = evaluate_loss(model.to(device), val_data, config.batch_size, device,
+                                          collate_trimmed)
+
+    losses = [loss for _, loss in callback.train_history]
+    first = sum(losses[:FIRST_STEPS]) / max(1, len(losses[:FIRST_STEPS]))
+    final = sum(losses[-FIRST_STEPS:]) / max(1, len(losses[-FIRST_STEPS:]))
+    log.info("finetune: %d steps in %.0fs; held-out response loss %.3f -> %.3f "
+             "(%d tokens); train loss %.3f -> %.3f", trainer.global_step, seconds, val_before,
+             val_after, val_tokens, first, final)
+
+    save_model(out_dir / "model.pt", model.cpu(), {"prompt_template": config.prompt_template})
+    copy_tokenizer(tokenized_dir, out_dir)
+    write_text_atomic(out_dir / "config.json", json.dumps(
+        {"model": model.config.to_dict(), "finetune": config.model_dump(mode="json"),
+         "pretrained_from": str(pretrained_dir.resolve()), "pairs_train": len(train_data),
+         "pairs_val": len(val_data)}, indent=2))
+    val_points = [p for p in callback.val_history if p[0] != trainer.global_step]
+    plot_loss_curve(out_dir / "loss_curve.png", callback.train_history,
+                    [(0, val_before), *val_points, (trainer.global_step, val_after)],
+                    "fine-tuning (response tokens only)")
+    return {
+        "count": trainer.global_step,
+        "unit": "steps",
+        "stats": {"pairs_train": len(train_data), "pairs_val": len(val_data),
+                  "train_loss_first": round(first, 5), "train_loss_final": round(final, 5),
+                  "val_loss_before": round(val_before, 5), "val_loss_after": round(val_after, 5),
+                  "val_perplexity_after": round(math.exp(val_after), 3),
+                  "seconds": round(seconds, 2)},
+        "artifacts": {"model": "model.pt", "config": "config.json",
+                      "tokenizer_model": "tokenizer.model", "loss_curve": "loss_curve.png"},
+    }

@@ -1,0 +1,238 @@
+"""Tokenize stage: train a sentencepiece tokenizer on the cleaned corpus and write token bins.
+
+The corpus is split by document into train and validation, deterministically from a hash
+of each document's id, so the same document lands on the same side in every run and the
+validation set never leaks into the tokenizer or the model. Every document is encoded and
+followed by EOS, and the ids are concatenated into flat ``train.bin`` / ``val.bin`` arrays
+(nanoGPT's format) that training reads through a memmap without loading them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import sentencepiece as spm
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.progress import progress
+from tasks.shards import atomic_path, count_records, iter_records, write_text_atomic
+from tasks.stage import StageInputError
+
+log = logging.getLogger(__name__)
+
+STAGE = "tokenize"
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+ENCODE_BATCH = 256  # documents per sentencepiece call: big enough to use every thread
+
+
+class TokenizeConfig(BaseModel):
+    """Tokenizer training and the train/validation token files."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vocab_size: int = Field(
+        4096, ge=64, le=1_000_000,
+        description="Number of tokens in the vocabulary. 4096 suits a corpus of a few MB; "
+                    "a small corpus cannot support a large vocabulary.")
+    model_type: Literal["bpe", "unigram"] = Field(
+        "bpe", description="Sentencepiece algorithm: byte-pair encoding or unigram LM.")
+    character_coverage: float = Field(
+        0.9995, gt=0.0, le=1.0,
+        description="Share of characters the vocabulary must cover; rarer characters become "
+                    "bytes (with byte_fallback) or <unk>.")
+    byte_fallback: bool = Field(
+        True, description="Encode characters outside the vocabulary as UTF-8 bytes instead of "
+                          "<unk>, so any text round-trips.")
+    val_fraction: float = Field(
+        0.05, gt=0.0, lt=1.0,
+        description="Share of documents held out for validation, chosen by a hash of the "
+                    "document id (stable across runs).")
+    max_sentence_length: int = Field(
+        4192, ge=64,
+        description="Longest line, in bytes, used to train the tokenizer; longer lines are cut "
+                    "into pieces of this size.")
+    input_sentence_size: int = Field(
+        1_000_000, ge=0,
+        description="At most this many lines (a random sample) train the tokenizer; 0 = all. "
+                    "Bounds tokenizer training time and memory on big corpora.")
+    seed: int = Field(0, description="Seed for the tokenizer's line sampling.")
+
+
+def is_validation(doc_id: str, val_fraction: float) -> bool:
+    """A document is held out when the hash of its id, read as a number in [0, 1), is small."""
+    digest = hashlib.sha256(str(doc_id).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
+
+
+def split_ids(input_dir: Path, val_fraction: float) -> tuple[set[str], int]:
+    """Validation ids and the number of documents; forces one validation document if the
+    hash picked none, so a small corpus still gets a validation set."""
+    val_ids: set[str] = set()
+    total, smallest = 0, None
+    for record in iter_records(input_dir, columns=["id"]):
+        doc_id = str(record["id"])
+        total += 1
+        if is_validation(doc_id, val_fraction):
+            val_ids.add(doc_id)
+        key = hashlib.sha256(doc_id.encode("utf-8")).digest()
+        if smallest is None or key < smallest[0]:
+            smallest = (key, doc_id)
+    if total < 2:
+        raise StageInputError(STAGE, f"the corpus in {input_dir} has {total} document(s); at least "
+                                     "2 are needed for a train and a validation split. Check that "
+                                     "the earlier stages kept documents (see their removed/ folders)")
+    if not val_ids:
+        val_ids.add(smallest[1])
+    if len(val_ids) == total:
+        val_ids.discard(smallest[1])
+    return val_ids, total
+
+
+def training_lines(text: str, max_bytes: int):
+    """The non-empty lines of a document, each cut to at most ``max_bytes`` UTF-8 bytes,
+    because sentencepiece silently skips longer lines."""
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        data = line.encode("utf-8")
+        for start in range(0, len(data), max_bytes):
+            yield data[start:start + max_bytes].decode("utf-8", errors="ignore")
+
+
+def write_training_text(input_dir: Path, val_ids: set[str], path: Path,
+                        max_bytes: int) -> tuple[int, int]:
+    """Stream the training documents' lines to ``path``; returns (lines, characters)."""
+    lines = chars = 0
+    with open(path, "w", encoding="utf-8") as fh:
+        for record in iter_records(input_dir, columns=["id", "text"]):
+            if str(record["id"]) in val_ids or not record["text"]:
+                continue
+            for line in training_lines(record["text"], max_bytes):
+                fh.write(line + "\n")
+                lines += 1
+                chars += len(line)
+    return lines, chars
+
+
+def train_tokenizer(config: TokenizeConfig, text_path: Path, model_prefix: Path,
+                    lines: int, chars: int) -> None:
+    """Train sentencepiece, turning its 'vocabulary too large' failure into advice."""
+    spm.set_random_generator_seed(config.seed)
+    try:
+        spm.SentencePieceTrainer.train(
+            input=str(text_path), model_prefix=str(model_prefix),
+            vocab_size=config.vocab_size, model_type=config.model_type,
+            character_coverage=config.character_coverage, byte_fallback=config.byte_fallback,
+            max_sentence_length=config.max_sentence_length,
+            input_sentence_size=config.input_sentence_size,
+            shuffle_input_sentence=True, seed_sentencepiece_size=1_000_000,
+            num_threads=os.cpu_count() or 1,
+            # keep text exactly as written: code indentation and newlines matter here
+            normalization_rule_name="identity", remove_extra_whitespaces=False,
+            add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
+            user_defined_symbols=["\n"],
+            unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
+            minloglevel=2,
+        )
+    except RuntimeError as exc:
+        message = str(exc)
+        if "Vocabulary size" in message or "vocab_size" in message:
+            raise StageInputError(
+                STAGE, f"the training text ({lines} lines, {chars} characters) is too small for "
+                       f"tokenize.vocab_size={config.vocab_size} ({message.strip()}); lower "
+                       "tokenize.vocab_size or provide more text") from exc
+        raise StageInputError(STAGE, f"sentencepiece could not train a tokenizer on {lines} "
+                                     f"lines: {message.strip()}") from exc
+
+
+def encode_corpus(sp: spm.SentencePieceProcessor, input_dir: Path, val_ids: set[str],
+                  out_dir: Path, dtype: np.dtype, total: int) -> dict[str, int]:
+    """Encode every document + EOS into train.bin / val.bin; returns token/doc/byte counts."""
+    counts = {"train_tokens": 0, "val_tokens": 0, "train_documents": 0, "val_documents": 0,
+              "train_bytes": 0, "val_bytes": 0}
+    threads = os.cpu_count() or 1
+    with atomic_path(out_dir / "train.bin") as train_tmp, \
+            atomic_path(out_dir / "val.bin") as val_tmp, \
+            open(train_tmp, "wb") as train_fh, open(val_tmp, "wb") as val_fh:
+        files = {"train": train_fh, "val": val_fh}
+        batch: list[dict] = []
+        bar = progress(iter_records(input_dir, columns=["id", "text"]), desc="tokenize",
+                       unit="doc", total=total)
+
+        def flush() -> None:
+            texts = [r["text"] or "" for r in batch]
+            for record, text, ids in zip(batch, texts, sp.encode(texts, num_threads=threads)):
+                side = "val" if str(record["id"]) in val_ids else "train"
+                ids.append(EOS_ID)
+                files[side].write(np.asarray(ids, dtype=dtype).tobytes())
+                counts[f"{side}_tokens"] += len(ids)
+                counts[f"{side}_documents"] += 1
+                counts[f"{side}_bytes"] += len(text.encode("utf-8"))
+            batch.clear()
+
+        for record in bar:
+            batch.append(record)
+            if len(batch) >= ENCODE_BATCH:
+                flush()
+        flush()
+    return counts
+
+
+def tokenize_corpus(config: TokenizeConfig, input_dir: Path, out_dir: Path) -> dict:
+    """Train the tokenizer on the training documents and write the token bins and meta.json."""
+    started = time.perf_counter()
+    input_dir, out_dir = Path(input_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if count_records(input_dir) == 0:
+        raise StageInputError(STAGE, f"no documents in {input_dir}: the corpus is empty. Check "
+                                     "the earlier stages' counts (filter/dedup may have removed "
+                                     "everything)")
+    val_ids, total = split_ids(input_dir, config.val_fraction)
+
+    with tempfile.TemporaryDirectory(prefix="forgeline-tokenize-") as tmp:
+        text_path = Path(tmp) / "train.txt"
+        lines, chars = write_training_text(input_dir, val_ids, text_path,
+                                           config.max_sentence_length)
+        if lines == 0:
+            raise StageInputError(STAGE, f"the {total - len(val_ids)} training documents in "
+                                         f"{input_dir} contain no text")
+        log.info("tokenize: training a %s tokenizer (vocab %d) on %d lines, %d characters",
+                 config.model_type, config.vocab_size, lines, chars)
+        train_tokenizer(config, text_path, Path(tmp) / "tokenizer", lines, chars)
+        for suffix in (".model", ".vocab"):
+            with atomic_path(out_dir / f"tokenizer{suffix}") as dest:
+                shutil.copyfile(Path(tmp) / f"tokenizer{suffix}", dest)
+
+    sp = spm.SentencePieceProcessor(model_file=str(out_dir / "tokenizer.model"))
+    vocab_size = sp.get_piece_size()
+    dtype = np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
+    counts = encode_corpus(sp, input_dir, val_ids, out_dir, dtype, total)
+    meta = {"dtype": dtype.name, "vocab_size": vocab_size, "bos_id": sp.bos_id(),
+            "eos_id": sp.eos_id(), "pad_id": sp.pad_id(), "unk_id": sp.unk_id(),
+            "model_type": config.model_type, **counts}
+    write_text_atomic(out_dir / "meta.json", json.dumps(meta, indent=2))
+
+    tokens = counts["train_tokens"] + counts["val_tokens"]
+    bytes_per_token = (counts["train_bytes"] + counts["val_bytes"]) / max(tokens, 1)
+    log.info("tokenize: %d train tokens (%d docs), %d val tokens (%d docs), %.2f bytes/token, "
+             "%.1fs", counts["train_tokens"], counts["train_documents"], counts["val_tokens"],
+             counts["val_documents"], bytes_per_token, time.perf_counter() - started)
+    return {
+        "count": tokens,
+        "unit": "tokens",
+        "stats": {"vocab_size": vocab_size, "train_tokens": counts["train_tokens"],
+                  "val_tokens": counts["val_tokens"], "train_documents": counts["train_documents"],
+                  "val_documents": counts["val_documents"],
+                  "bytes_per_token": round(bytes_per_token, 4)},
+        "artifacts": {"tokenizer_model": "tokenizer.model", "tokenizer_vocab": "tokenizer.vocab",
+                      "meta": "meta.json"},
+    }

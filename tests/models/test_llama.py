@@ -1,0 +1,115 @@
+"""The decoder itself: shapes, causality, rotary embeddings, learning, generation, config."""
+
+import math
+
+import pytest
+import torch
+
+from models.checkpoint import load_model, save_model
+from models.llama import Llama, ModelConfig, apply_rope, default_mlp_hidden, rope_cache
+
+
+def tiny(**overrides) -> Llama:
+    torch.manual_seed(0)
+    settings = {"vocab_size": 64, "context_length": 16, "d_model": 32, "n_layers": 2,
+                "n_heads": 4}
+    return Llama(ModelConfig(**{**settings, **overrides}))
+
+
+def test_forward_shapes_and_initial_loss_near_uniform():
+    model = tiny()
+    idx, targets = torch.randint(0, 64, (3, 16)), torch.randint(0, 64, (3, 16))
+    logits, loss = model(idx, targets)
+    assert logits.shape == (3, 16, 64)
+    assert model(idx)[1] is None
+    # small init: predictions start close to uniform over the vocabulary
+    assert abs(loss.item() - math.log(64)) < 0.3
+
+
+def test_future_tokens_do_not_change_earlier_logits():
+    model = tiny().eval()
+    idx = torch.randint(0, 64, (1, 16))
+    changed = idx.clone()
+    changed[0, 10:] = (changed[0, 10:] + 1) % 64
+    before, after = model(idx)[0], model(changed)[0]
+    assert torch.allclose(before[:, :10], after[:, :10], atol=1e-6)
+    assert not torch.allclose(before[:, 10:], after[:, 10:])
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+    cos, sin = rope_cache(32, 8, 10000.0)
+    q, k = torch.randn(8), torch.randn(8)
+
+    def score(m: int, n: int) -> float:
+        rq = apply_rope(q.view(1, 1, 1, 8), cos[m:m + 1], sin[m:m + 1]).flatten()
+        rk = apply_rope(k.view(1, 1, 1, 8), cos[n:n + 1], sin[n:n + 1]).flatten()
+        return float(rq @ rk)
+
+    assert score(3, 1) == pytest.approx(score(20, 18), rel=1e-4)
+    x = torch.randn(1, 1, 32, 8)
+    # a rotation keeps lengths
+    assert torch.allclose(apply_rope(x, cos, sin).norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+
+
+def test_overfits_a_tiny_batch():
+    model = tiny()
+    idx = torch.randint(0, 64, (4, 16))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(60):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.2 * first
+
+
+def test_loss_mask_limits_the_loss_to_marked_targets():
+    model = tiny()
+    idx = torch.randint(0, 64, (2, 16))
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, 12:] = True
+    logits, masked = model(idx, idx, mask)
+    by_hand = torch.nn.functional.cross_entropy(logits[:, 12:].reshape(-1, 64),
+                                                idx[:, 12:].reshape(-1))
+    assert masked.item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+def test_generate_appends_tokens_and_crops_long_prompts():
+    model = tiny()
+    out = model.generate(torch.zeros(2, 3, dtype=torch.long), max_new_tokens=5, top_k=10)
+    assert out.shape == (2, 8)
+    long_prompt = torch.randint(0, 64, (1, 40))  # longer than the 16-token context
+    assert model.generate(long_prompt, max_new_tokens=4).shape == (1, 44)
+    greedy = [model.generate(long_prompt, 4, temperature=0)[0, -4:] for _ in range(2)]
+    assert torch.equal(*greedy)
+
+
+def test_grouped_query_attention_and_untied_head():
+    grouped = tiny(n_kv_heads=2)
+    assert grouped(torch.randint(0, 64, (1, 8)))[0].shape == (1, 8, 64)
+    assert grouped.num_params() < tiny().num_params()
+    untied = tiny(tie_embeddings=False)
+    assert untied.num_params() == tiny().num_params() + 64 * 32
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"d_model": 30, "n_heads": 4}, "divisible by n_heads"),
+    ({"n_heads": 4, "n_kv_heads": 3}, "multiple of n_kv_heads"),
+    ({"d_model": 12, "n_heads": 4}, "must be even"),
+    ({"dropout": 1.5}, "dropout"),
+])
+def test_config_validation_names_the_problem(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(vocab_size=64, **overrides)
+
+
+def test_defaults_and_round_trip_through_a_model_file(tmp_path):
+    assert default_mlp_hidden(128) == 352 and default_mlp_hidden(96) % 32 == 0
+    model = tiny().eval()
+    save_model(tmp_path / "model.pt", model)
+    loaded = load_model(tmp_path / "model.pt")
+    idx = torch.randint(0, 64, (2, 16))
+    assert loaded.config == model.config
+    assert torch.equal(loaded(idx)[0], model(idx)[0])

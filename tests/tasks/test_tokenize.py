@@ -1,0 +1,82 @@
+"""Tokenize stage: token bins that decode back to the corpus, a stable split, clear errors."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from tasks.shards import write_records
+from tasks.stage import StageInputError
+from tasks.tokenize import TokenizeConfig, is_validation, tokenize_corpus
+
+WORDS = ["module", "function", "returns", "the", "value", "of", "a", "list", "string",
+         "json", "parse", "object", "file", "path", "error", "raised", "when", "called"]
+
+
+def make_corpus(folder, docs=40, seed=0):
+    rng = random.Random(seed)
+    records = []
+    for i in range(docs):
+        lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) + "."
+                 for _ in range(rng.randint(3, 8))]
+        text = f"Title {i}\n" + "\n    ".join(lines) + " Ünïcode ✓"
+        records.append({"id": f"doc-{i}", "text": text, "url": f"http://x/{i}"})
+    write_records(records, folder, shard_size=15)
+    return records
+
+
+def read_docs(out_dir, split):
+    meta = json.loads((out_dir / "meta.json").read_text())
+    tokens = np.fromfile(out_dir / f"{split}.bin", dtype=meta["dtype"]).tolist()
+    sp = spm.SentencePieceProcessor(model_file=str(out_dir / "tokenizer.model"))
+    docs, current = [], []
+    for token in tokens:
+        if token == meta["eos_id"]:
+            docs.append(sp.decode(current))
+            current = []
+        else:
+            current.append(token)
+    assert not current, "every document ends with EOS"
+    return docs
+
+
+def test_bins_decode_back_to_the_documents(tmp_path):
+    records = make_corpus(tmp_path / "in")
+    result = tokenize_corpus(TokenizeConfig(vocab_size=300), tmp_path / "in", tmp_path / "out")
+    out = tmp_path / "out"
+    meta = json.loads((out / "meta.json").read_text())
+    texts = [r["text"] for r in records]
+    train, val = read_docs(out, "train"), read_docs(out, "val")
+    assert sorted(train + val) == sorted(texts)  # exact round trip, whitespace and all
+    assert train == [t for t in texts if t not in val]  # corpus order is kept
+    assert meta["train_documents"] + meta["val_documents"] == 40 and meta["val_documents"] >= 1
+    assert meta["val_bytes"] == sum(len(t.encode()) for t in read_docs(out, "val"))
+    assert result["count"] == meta["train_tokens"] + meta["val_tokens"]
+    assert result["unit"] == "tokens" and result["stats"]["vocab_size"] == 300
+    assert result["stats"]["bytes_per_token"] > 1
+    assert all((out / name).is_file() for name in result["artifacts"].values())
+
+
+def test_split_is_stable_and_follows_the_id_hash(tmp_path):
+    records = make_corpus(tmp_path / "in", docs=60)
+    config = TokenizeConfig(vocab_size=300, val_fraction=0.3)
+    tokenize_corpus(config, tmp_path / "in", tmp_path / "a")
+    tokenize_corpus(config, tmp_path / "in", tmp_path / "b")
+    assert (tmp_path / "a" / "val.bin").read_bytes() == (tmp_path / "b" / "val.bin").read_bytes()
+    expected = [r["text"] for r in records if is_validation(r["id"], 0.3)]
+    assert 5 < len(expected) < 35
+    assert read_docs(tmp_path / "a", "val") == expected
+
+
+def test_empty_corpus_is_an_input_error(tmp_path):
+    (tmp_path / "in").mkdir()
+    with pytest.raises(StageInputError, match="corpus is empty"):
+        tokenize_corpus(TokenizeConfig(), tmp_path / "in", tmp_path / "out")
+
+
+def test_vocabulary_too_large_for_the_corpus_names_the_setting(tmp_path):
+    make_corpus(tmp_path / "in", docs=5)
+    with pytest.raises(StageInputError, match=r"too small for tokenize.vocab_size=50000"):
+        tokenize_corpus(TokenizeConfig(vocab_size=50000), tmp_path / "in", tmp_path / "out")
