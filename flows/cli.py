@@ -96,20 +96,25 @@ def print_summary(result: dict[str, Any], seconds: float, stream=None) -> None:
         table.add_row(name, f"{stage['count']:,} {stage.get('unit', '')}",
                       f"{stage.get('seconds', 0):.1f}", "reused" if stage.get("reused") else "")
     console.print(table)
-    labels = {"val_perplexity": "validation perplexity",
+    labels = {"tokens": "tokens",
+              "pretrain_val_loss": "pretrain validation loss",
+              "val_perplexity": "validation perplexity",
               "unigram_perplexity": "unigram baseline perplexity",
               "val_bits_per_byte": "validation bits per byte",
-              "pretrain_val_loss": "pretrain validation loss",
-              "finetune_val_loss_before": "fine-tune val loss before",
-              "finetune_val_loss_after": "fine-tune val loss after"}
+              "unigram_bits_per_byte": "unigram bits per byte",
+              "finetune_train_loss_first": "fine-tune train loss, first",
+              "finetune_train_loss_final": "fine-tune train loss, final",
+              "finetune_val_loss_before": "fine-tune held-out loss, before",
+              "finetune_val_loss_after": "fine-tune held-out loss, after"}
     for key, label in labels.items():
         if key in result["metrics"]:
-            console.print(f"{label:>30}: {result['metrics'][key]:.4f}")
-    console.print(f"{'data report':>30}: {result['data_report']}")
-    console.print(f"{'MLflow run':>30}: {result['mlflow_run_id']}")
-    console.print(f"{'MLflow store':>30}: {result['tracking_uri']}")
-    console.print(f"{'open the MLflow UI':>30}: {ui_command(result['tracking_uri'], '')}")
-    console.print(f"{'total time':>30}: {seconds:.1f}s")
+            value = result["metrics"][key]
+            console.print(f"{label:>32}: " + (f"{value:,.0f}" if key == "tokens" else f"{value:.4f}"))
+    console.print(f"{'data report':>32}: {result['data_report']}")
+    console.print(f"{'MLflow run':>32}: {result['mlflow_run_id']}")
+    console.print(f"{'MLflow store':>32}: {result['tracking_uri']}")
+    console.print(f"{'open the MLflow UI':>32}: {ui_command(result['tracking_uri'], '')}")
+    console.print(f"{'total time':>32}: {seconds:.1f}s")
 
 
 def cmd_config(args) -> int:

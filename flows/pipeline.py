@@ -90,9 +90,14 @@ def _stage_summary(manifest: Manifest) -> dict[str, Any]:
 
 
 HEADLINE = {  # parent-run metric -> (stage, stat)
-    "val_perplexity": ("evaluate", "val_perplexity"),
-    "unigram_perplexity": ("evaluate", "unigram_perplexity"),
-    "val_bits_per_byte": ("evaluate", "val_bits_per_byte"),
+    "val_perplexity": ("evaluate", "pretrained_val_perplexity"),
+    "unigram_perplexity": ("evaluate", "unigram_val_perplexity"),
+    "val_bits_per_byte": ("evaluate", "pretrained_bits_per_byte"),
+    "unigram_bits_per_byte": ("evaluate", "unigram_bits_per_byte"),
+    "ppl_ratio_vs_unigram": ("evaluate", "ppl_ratio_vs_unigram"),
+    "finetuned_val_perplexity": ("evaluate", "finetuned_val_perplexity"),
+    "finetune_train_loss_first": ("finetune", "train_loss_first"),
+    "finetune_train_loss_final": ("finetune", "train_loss_final"),
     "finetune_val_loss_before": ("finetune", "val_loss_before"),
     "finetune_val_loss_after": ("finetune", "val_loss_after"),
     "pretrain_val_loss": ("pretrain", "val_loss"),
@@ -113,8 +118,8 @@ def headline_metrics(stages: dict[str, Manifest]) -> dict[str, float]:
 
 def _log_run_artifacts(tracker: Tracker, run_id: str, stages: dict[str, Manifest]) -> None:
     """The parent run carries what people open first: tokenizer, checkpoint, reports."""
-    wanted = {"tokenize": ("tokenizer",), "pretrain": ("model", "loss_curve"),
-              "finetune": ("model", "loss_curve"), "evaluate": ("report", "samples")}
+    wanted = {"tokenize": ("tokenizer_model",), "pretrain": ("model", "loss_curve"),
+              "finetune": ("model", "loss_curve"), "evaluate": ("eval_report", "samples")}
     for stage, names in wanted.items():
         artifacts = stages.get(stage, {}).get("artifacts", {})
         for name in names:

@@ -1,0 +1,8 @@
+"""Shared test set-up: no progress bars, no telemetry, no stray MLflow server."""
+
+import os
+
+os.environ["FORGELINE_PROGRESS"] = "0"
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("PREFECT_API_URL", None)

@@ -1,0 +1,97 @@
+"""The pipeline flow end to end on a tiny configuration, with a real Prefect test server
+and a real MLflow store."""
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from flows.config import DATA_STAGES, STAGES, load_config
+from flows.pipeline import pipeline
+from tasks.shards import iter_records
+from tasks.stage import StageInputError
+
+pytestmark = pytest.mark.slow
+TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+
+
+def run(workdir, overrides, until=None):
+    config = load_config(TINY_CONFIG, overrides)
+    return pipeline(config=config, workdir=str(workdir), until=until)
+
+
+def texts_by_id(directory):
+    return {r["id"]: r["text"] for r in iter_records(directory, ["id", "text"])}
+
+
+def children_of(client, run):
+    return client.search_runs(
+        [run.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+
+
+def test_full_run_is_tracked_and_a_rerun_reuses_every_stage(prefect_server, corpus, tmp_path):
+    work = tmp_path / "work"
+    first = run(work, [f"source.paths=[{corpus}]"])
+    assert list(first["stages"]) == list(STAGES)
+    assert not any(s["reused"] for s in first["stages"].values())
+
+    cleaned = texts_by_id(first["stages"]["pii"]["output"])
+    assert "doc-001" in cleaned and "doc-dup" not in cleaned  # ids kept, duplicate removed
+    assert "<EMAIL_ADDRESS>" in cleaned["doc-001"]
+    assert "jane.roe@example.com" not in cleaned["doc-001"]
+
+    client = MlflowClient(first["tracking_uri"])
+    parent = client.get_run(first["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["prefect.flow_run_id"]
+    assert parent.data.params["pretrain.d_model"] == str(load_config(TINY_CONFIG).pretrain.d_model)
+    for metric in ("val_perplexity", "unigram_perplexity", "documents_after_pii", "tokens"):
+        assert metric in parent.data.metrics
+    children = children_of(client, parent)
+    assert sorted(c.data.tags["forgeline.stage"] for c in children) == sorted(STAGES)
+    pretrain_run = next(c for c in children if c.data.tags["forgeline.stage"] == "pretrain")
+    curve = client.get_metric_history(pretrain_run.info.run_id, "train_loss")
+    assert len(curve) > 1  # a training curve, not a single number
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"config.yaml", "data_report", "tokenize", "evaluate"} <= artifacts
+    report = {a.path for a in client.list_artifacts(parent.info.run_id, "data_report")}
+    assert {"data_report/data_report.md", "data_report/data_funnel.png"} <= report
+    evaluate_run = next(c for c in children if c.data.tags["forgeline.stage"] == "evaluate")
+    assert "val_perplexity" in evaluate_run.data.metrics
+
+    second = run(work, [f"source.paths=[{corpus}]"])
+    assert all(s["reused"] for s in second["stages"].values())
+    assert second["mlflow_run_id"] != first["mlflow_run_id"]
+    assert second["stages"]["pii"]["output"] == first["stages"]["pii"]["output"]
+    assert children_of(client, client.get_run(second["mlflow_run_id"]))  # still one per stage
+
+
+def test_until_stops_and_disabled_stage_passes_documents_on(prefect_server, corpus, tmp_path):
+    result = run(tmp_path / "work", [f"source.paths=[{corpus}]", "dedup.enabled=false"],
+                 until="pii")
+    assert list(result["stages"]) == list(DATA_STAGES)
+    assert result["stages"]["dedup"]["skipped"]
+    assert "doc-dup" in texts_by_id(result["stages"]["pii"]["output"])  # nothing deduplicated
+    assert "val_perplexity" not in result["metrics"]
+
+
+def test_failed_stage_is_redone_alone_after_the_cause_is_fixed(prefect_server, corpus, tmp_path):
+    work = tmp_path / "work"
+    pairs = tmp_path / "pairs.jsonl"
+    overrides = [f"source.paths=[{corpus}]", f"finetune.data_path={pairs}"]
+    with pytest.raises(StageInputError, match="finetune"):
+        run(work, overrides)
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    failed = client.search_runs(
+        [client.get_experiment_by_name("forgeline-test").experiment_id],
+        filter_string="tags.`forgeline.kind` = 'pipeline'")
+    assert failed[0].info.status == "FAILED"
+
+    pairs.write_text("".join(json.dumps({"prompt": f"Say {w}:", "response": f" {w} {w}."}) + "\n"
+                             for w in ["river", "stone", "apple", "music", "bread"] * 8))
+    result = run(work, overrides)
+    reused = {n for n, s in result["stages"].items() if s["reused"]}
+    assert reused == {"crawl", "extract", "filter", "dedup", "pii", "tokenize", "pretrain"}
+    assert result["stages"]["finetune"]["count"] > 0
