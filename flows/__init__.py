@@ -8,6 +8,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 PROJECT_LOGGERS = ("tasks", "models", "flows")
 
+# httpx logs every request at INFO; the crawler logs its own progress and failures.
+logging.getLogger("httpx").setLevel(logging.WARNING)
+
 
 def forward_stage_logs() -> None:
     """Send the stage cores' standard-library logs to Prefect (console and UI).

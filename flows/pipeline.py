@@ -32,7 +32,6 @@ from flows.tracking import FLOW_RUN_TAG, Tracker, tracking_uri, ui_command
 from tasks.shards import write_text_atomic
 
 
-
 def _reached(stage: str, until: str | None) -> bool:
     """True once ``stage`` is past ``until`` (nothing after ``until`` runs)."""
     return until is not None and STAGES.index(stage) > STAGES.index(until)
@@ -144,7 +143,8 @@ def _summary_markdown(result: dict[str, Any], ui: str, run_url: str | None) -> s
 
 
 @flow(name="forgeline-pipeline")
-def pipeline(config: PipelineConfig = PipelineConfig(), workdir: str | None = None,
+def pipeline(config: PipelineConfig = PipelineConfig(),  # noqa: B008 (the UI form's defaults)
+             workdir: str | None = None,
              until: StageName | None = None) -> dict[str, Any]:
     """Raw web text to a trained, evaluated small language model.
 

@@ -66,8 +66,8 @@ def data_report(stages: dict[str, dict], out_dir: Path) -> dict[str, Path]:
                   f"Detector: {pii.get('info', {}).get('nlp_engine', 'unknown')}", "",
                   "| entity | replaced |", "|---|---:|"]
         lines += [f"| {k} | {v} |" for k, v in sorted(found.items())] or ["| (none) | 0 |"]
-    lines += ["", "Removed documents are kept with their reason in each stage's `removed/` "
-              "folder:", ""]
+    lines += ["", ("Removed documents are kept with their reason in each stage's `removed/` "
+                   "folder:"), ""]
     lines += [f"- {n}: `{Path(m['dir']) / 'removed'}`" for n, m in stages.items()
               if not m.get("skipped") and (Path(m["dir"]) / "removed").is_dir()]
     report = out_dir / "data_report.md"

@@ -116,12 +116,14 @@ def crawl_stage(config: PipelineConfig, ctx: RunContext) -> Manifest:
     return run_tracked(ctx, "crawl", config.crawl, build, code=[tasks.crawl], extra_key=extra)
 
 
-def _data_stage(name: str, core: Callable, module) -> Callable:
+def _data_stage(name: str, core: Callable, module,
+                extra_key: Callable[[BaseModel], dict] | None = None) -> Callable:
     @task(name=name, retries=1, retry_delay_seconds=5, **RETRIES)
     def stage(section: BaseModel, upstream: Manifest, ctx: RunContext) -> Manifest:
         return run_tracked(ctx, name, section,
                            lambda out, _: core(section, Path(upstream["output"]), out),
-                           inputs=[upstream], code=[module])
+                           inputs=[upstream], code=[module],
+                           extra_key=extra_key(section) if extra_key else None)
     stage.__doc__ = core.__doc__
     return stage
 
@@ -129,7 +131,9 @@ def _data_stage(name: str, core: Callable, module) -> Callable:
 extract_stage = _data_stage("extract", tasks.extract.extract_text, tasks.extract)
 filter_stage = _data_stage("filter", tasks.filter.filter_documents, tasks.filter)
 dedup_stage = _data_stage("dedup", tasks.dedup.deduplicate, tasks.dedup)
-pii_stage = _data_stage("pii", tasks.pii.scrub_pii, tasks.pii)
+# Installing a spaCy NER model changes what the pii stage finds, so it is part of the key.
+pii_stage = _data_stage("pii", tasks.pii.scrub_pii, tasks.pii, lambda section: {
+    "ner_model": section.spacy_model if tasks.pii.model_installed(section.spacy_model) else None})
 
 MODEL_CODE = [Path(models.__file__).parent]
 

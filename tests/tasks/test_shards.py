@@ -21,16 +21,14 @@ def test_writer_splits_into_shards_readable_by_datasets(tmp_path):
 
 
 def test_shard_without_required_columns_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="url"):
-        with ShardWriter(tmp_path, shard_size=1) as writer:
-            writer.add({"id": "a", "text": "b"})
+    with pytest.raises(ValueError, match="url"), ShardWriter(tmp_path, shard_size=1) as writer:
+        writer.add({"id": "a", "text": "b"})
     assert shard_paths(tmp_path) == []
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "file.bin"
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_bytes(b"half")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,260 @@
+"""PII stage: real Presidio on a tiny handmade corpus, offline, with and without an NER model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import spacy
+from pydantic import ValidationError
+
+from tasks import pii
+from tasks.pii import PiiConfig, scrub_pii, split_chunks
+from tasks.shards import iter_records, shard_paths, write_records
+from tasks.stage import StageInputError
+
+ROOT = Path(__file__).resolve().parents[2]
+NO_MODEL = "forgeline_test_no_such_model"  # never installed: the pattern-only path, always
+
+DOCS = [
+    {"id": "mail", "url": "https://a.example/1", "title": "t1",
+     "text": "Questions go to guido.van.rossum@python.org, not to the list."},
+    {"id": "phone", "url": "https://a.example/2", "title": "t2",
+     "text": "Support desk phone: 212-555-0123, open on weekdays."},
+    {"id": "card", "url": "https://a.example/3", "title": "t3",
+     "text": "Paid with card 4111 1111 1111 1111 yesterday."},
+    {"id": "ip", "url": "https://a.example/4", "title": "t4",
+     "text": "The server at 192.168.10.42 answered slowly."},
+    {"id": "iban", "url": "https://a.example/5", "title": "t5",
+     "text": "Wire it to IBAN DE89 3704 0044 0532 0130 00 please."},
+    {"id": "ssn", "url": "https://a.example/6", "title": "t6",
+     "text": "Her social security number is 536-22-1234 on the form."},
+    {"id": "clean", "url": "https://a.example/7", "title": "t7",
+     "text": "Lists are mutable sequences; tuples are not. See section 3.2 for details."},
+]
+EXPECTED = {
+    "mail": "Questions go to <EMAIL_ADDRESS>, not to the list.",
+    "phone": "Support desk phone: <PHONE_NUMBER>, open on weekdays.",
+    "card": "Paid with card <CREDIT_CARD> yesterday.",
+    "ip": "The server at <IP_ADDRESS> answered slowly.",
+    "iban": "Wire it to IBAN <IBAN_CODE> please.",
+    "ssn": "Her social security number is <US_SSN> on the form.",
+    "clean": DOCS[-1]["text"],
+}
+
+
+def run(tmp_path: Path, docs: list[dict], **config) -> tuple[dict, list[dict]]:
+    write_records(docs, tmp_path / "in", shard_size=3)
+    result = scrub_pii(PiiConfig(spacy_model=NO_MODEL, **config), tmp_path / "in",
+                       tmp_path / "out")
+    return result, list(iter_records(tmp_path / "out" / "data"))
+
+
+def test_each_entity_type_becomes_its_placeholder_and_clean_text_is_unchanged(tmp_path):
+    _, out = run(tmp_path, DOCS)
+    assert [d["id"] for d in out] == [d["id"] for d in DOCS]
+    assert {d["id"]: d["text"] for d in out} == EXPECTED
+    assert [d["title"] for d in out] == [d["title"] for d in DOCS]  # other columns survive
+    assert [d["url"] for d in out] == [d["url"] for d in DOCS]
+    counts = {d["id"]: json.loads(d["pii_counts"]) for d in out}
+    assert counts["card"] == {"CREDIT_CARD": 1} and counts["clean"] == {}
+    assert [d["pii_count"] for d in out] == [1, 1, 1, 1, 1, 1, 0]
+
+
+def test_stats_count_what_was_replaced(tmp_path):
+    docs = DOCS + [{"id": "two", "url": "u", "title": "t",
+                    "text": "Write to a@example.com or b@example.org."}]
+    result, _ = run(tmp_path, docs)
+    assert result["count"] == len(docs)
+    stats = result["stats"]
+    assert stats["input_documents"] == 8
+    assert stats["documents_with_pii"] == 7
+    assert stats["pii_EMAIL_ADDRESS"] == 3
+    assert stats["pii_total"] == 8
+    for entity in ("PHONE_NUMBER", "CREDIT_CARD", "IP_ADDRESS", "IBAN_CODE", "US_SSN"):
+        assert stats[f"pii_{entity}"] == 1
+    assert stats["ner_model"] == 0 and stats["entities_skipped"] == 1
+    assert all(isinstance(v, int | float) for v in stats.values())
+
+
+def test_without_a_model_names_are_skipped_and_the_engine_says_so(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="tasks.pii"):
+        result, out = run(tmp_path, [{"id": "n", "url": "u", "title": "t",
+                                      "text": "Barry Warsaw wrote this module."}])
+    assert "pattern recognizers only" in result["nlp_engine"]
+    assert "PERSON not detected" in result["nlp_engine"]
+    assert result["entities_skipped"] == ["PERSON"] and "PERSON" not in result["entities"]
+    assert out[0]["text"] == "Barry Warsaw wrote this module."
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(NO_MODEL in message and "PERSON" in message for message in warnings)
+
+
+def test_only_requested_entities_with_a_custom_placeholder(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="tasks.pii"):
+        result, out = run(tmp_path, DOCS, entities=["EMAIL_ADDRESS"],
+                          placeholder="[{entity_type}]")
+    texts = {d["id"]: d["text"] for d in out}
+    assert texts["mail"] == "Questions go to [EMAIL_ADDRESS], not to the list."
+    assert texts["ip"] == DOCS[3]["text"]
+    assert result["nlp_engine"] == "pattern recognizers only (no NER entity requested)"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_weak_matches_stay(tmp_path):
+    """Invalid checksums and phone numbers without a context word are not personal data."""
+    docs = [{"id": "bad-card", "url": "u", "title": "t",
+             "text": "The test vector 4111 1111 1111 1112 fails the Luhn check."},
+            {"id": "bare-number", "url": "u", "title": "t",
+             "text": "Run the job with seed 212-555-0123 again."}]
+    _, out = run(tmp_path, docs)
+    assert [d["text"] for d in out] == [d["text"] for d in docs]
+
+
+def test_long_documents_are_chunked_without_losing_or_moving_text(tmp_path):
+    line = "Filler line about iterators and generators in the standard library.\n"
+    parts = [line * 40 + f"Ask user{i}@example.com about it.\n" for i in range(30)]
+    text = "".join(parts)
+    assert len(text) > 5 * 1_000
+    _, out = run(tmp_path, [{"id": "long", "url": "u", "title": "t", "text": text}],
+                 max_chars_per_chunk=1_000)
+    expected = "".join(line * 40 + "Ask <EMAIL_ADDRESS> about it.\n" for _ in range(30))
+    assert out[0]["text"] == expected
+    assert json.loads(out[0]["pii_counts"]) == {"EMAIL_ADDRESS": 30}
+
+
+def test_split_chunks_cuts_at_line_breaks_then_spaces():
+    text = "alpha beta\ngamma delta epsilon\nzeta"
+    chunks = split_chunks(text, 16)
+    assert "".join(chunks) == text
+    assert all(len(c) <= 16 for c in chunks)
+    assert chunks[0] == "alpha beta\n"
+    words = "word " * 100
+    assert all(c.endswith(" ") for c in split_chunks(words, 32)[:-1])
+    assert "".join(split_chunks("x" * 100, 32)) == "x" * 100  # no whitespace: hard cuts
+
+
+def test_shards_follow_shard_size_and_nothing_is_removed(tmp_path):
+    result, out = run(tmp_path, DOCS, shard_size=3)
+    assert len(shard_paths(tmp_path / "out" / "data")) == 3
+    assert not (tmp_path / "out" / "removed").exists()
+    assert result["count"] == len(out) == len(DOCS)
+
+
+def test_engines_are_built_once_per_process():
+    config = PiiConfig(spacy_model=NO_MODEL)
+    assert pii.choose_engine(config).engine is pii.choose_engine(config).engine
+
+
+def test_empty_input_is_a_stage_input_error(tmp_path):
+    (tmp_path / "in").mkdir()
+    with pytest.raises(StageInputError, match="no documents"):
+        scrub_pii(PiiConfig(), tmp_path / "in", tmp_path / "out")
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"entities": ["EMAIL_ADDRESS", "SHOE_SIZE"]}, "SHOE_SIZE"),
+    ({"language": "zz"}, "pii.language"),
+])
+def test_unusable_settings_are_stage_input_errors(tmp_path, config, message):
+    write_records(DOCS[:1], tmp_path / "in")
+    with pytest.raises(StageInputError, match=message):
+        scrub_pii(PiiConfig(spacy_model=NO_MODEL, **config), tmp_path / "in", tmp_path / "out")
+
+
+def test_a_broken_model_directory_is_a_stage_input_error(tmp_path):
+    write_records(DOCS[:1], tmp_path / "in")
+    broken = tmp_path / "model"
+    broken.mkdir()
+    with pytest.raises(StageInputError, match="cannot load the spaCy model"):
+        scrub_pii(PiiConfig(spacy_model=str(broken)), tmp_path / "in", tmp_path / "out")
+
+
+@pytest.mark.parametrize("field, value", [
+    ("entities", []), ("entities", ["email_address"]), ("placeholder", "<{kind}>"),
+    ("phone_regions", ["XX"]), ("score_threshold", 1.5), ("max_chars_per_chunk", 10),
+    ("unknown_field", 1),
+])
+def test_config_rejects_bad_values(field, value):
+    with pytest.raises(ValidationError):
+        PiiConfig(**{field: value})
+
+
+def test_config_defaults():
+    config = PiiConfig()
+    assert config.enabled and config.entities[0] == "EMAIL_ADDRESS"
+    assert "PERSON" in config.entities and "URL" not in config.entities
+    assert config.placeholder == "<{entity_type}>" and config.spacy_model == "en_core_web_lg"
+    assert all(field.description for field in PiiConfig.model_fields.values())
+
+
+def test_email_domains_are_checked_without_network():
+    assert pii.OFFLINE_TLD_EXTRACT.suffix_list_urls == ()
+    recognizers = pii.choose_engine(PiiConfig(spacy_model=NO_MODEL)).engine.analyzer \
+        .analyzer_engine.registry.recognizers
+    emails = [r for r in recognizers if "EMAIL_ADDRESS" in r.supported_entities]
+    assert emails and all(isinstance(r, pii.OfflineEmailRecognizer) for r in emails)
+
+
+def test_a_fresh_process_with_sockets_disabled_scrubs_quickly(tmp_path):
+    """First use in a new process, empty caches, any connection attempt fails loudly."""
+    script = f"""
+import socket, sys, time
+def refuse(*args, **kwargs):
+    raise RuntimeError("network access attempted")
+socket.socket.connect = refuse
+socket.getaddrinfo = refuse
+sys.path.insert(0, {str(ROOT)!r})
+from tasks.pii import PiiConfig, scrub_pii
+from tasks.shards import iter_records, write_records
+write_records([{{"id": "x", "url": "u", "text": "Mail jane@uni.ac.uk or bob@shop.co.jp."}}],
+              {str(tmp_path / "in")!r})
+started = time.perf_counter()
+scrub_pii(PiiConfig(spacy_model={NO_MODEL!r}), {str(tmp_path / "in")!r}, {str(tmp_path / "out")!r})
+print(round(time.perf_counter() - started, 2))
+print(next(iter_records({str(tmp_path / "out" / "data")!r}))["text"])
+"""
+    cache = tmp_path / "cache"
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_CACHE_HOME": str(cache)}
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    seconds, text = done.stdout.strip().splitlines()
+    assert text == "Mail <EMAIL_ADDRESS> or <EMAIL_ADDRESS>."
+    assert float(seconds) < 5, f"first scrub took {seconds}s: a network timeout?"
+    assert time.perf_counter() - started < 60
+    assert "network access attempted" not in done.stderr
+    assert not (cache / "python-tldextract").exists()
+
+
+@pytest.mark.skipif(not spacy.util.is_package("en_core_web_lg"),
+                    reason="en_core_web_lg is not installed (no download here)")
+def test_names_are_replaced_with_the_ner_model(tmp_path):
+    write_records([{"id": "n", "url": "u", "text": "The module was written by Barry Warsaw."}],
+                  tmp_path / "in")
+    result = scrub_pii(PiiConfig(), tmp_path / "in", tmp_path / "out")
+    assert "en_core_web_lg" in result["nlp_engine"] and result["stats"]["ner_model"] == 1
+    text = next(iter_records(tmp_path / "out" / "data"))["text"]
+    assert "<PERSON>" in text and "Warsaw" not in text
+
+
+def test_a_model_directory_provides_ner_for_names(tmp_path):
+    """The NER path, offline: a blank pipeline with an entity ruler stands in for the model."""
+    nlp = spacy.blank("en")
+    nlp.add_pipe("entity_ruler").add_patterns([{"label": "PERSON", "pattern": "Barry Warsaw"}])
+    nlp.meta["name"] = "ruler_ner"
+    nlp.to_disk(tmp_path / "model")
+    write_records([{"id": "n", "url": "u", "text": "Barry Warsaw wrote it; mail barry@python.org."}],
+                  tmp_path / "in")
+    result = scrub_pii(PiiConfig(spacy_model=str(tmp_path / "model")), tmp_path / "in",
+                       tmp_path / "out")
+    assert result["nlp_engine"] == "spaCy en_ruler_ner 0.0.0 (NER for PERSON)"
+    assert result["stats"]["ner_model"] == 1 and result["entities_skipped"] == []
+    text = next(iter_records(tmp_path / "out" / "data"))["text"]
+    assert text == "<PERSON> wrote it; mail <EMAIL_ADDRESS>."
