@@ -117,6 +117,23 @@ def print_summary(result: dict[str, Any], seconds: float, stream=None) -> None:
     console.print(f"{'total time':>32}: {seconds:.1f}s")
 
 
+def _stop_temporary_prefect_server() -> None:
+    """With no PREFECT_API_URL, Prefect runs the flow against a temporary local server and
+    stops it at exit, logging as it goes. Send the pending logs and events, then stop it
+    now, so that the summary or the error is the last thing printed."""
+    try:
+        from prefect._internal.concurrency.services import QueueService
+        from prefect.server.api.server import SubprocessASGIServer
+
+        if not SubprocessASGIServer._instances:
+            return
+        QueueService.drain_all(timeout=30)
+        for server in list(SubprocessASGIServer._instances.values()):
+            server.stop()
+    except Exception:  # noqa: BLE001 - internals of another Prefect: it stops at exit instead
+        return
+
+
 def cmd_config(args) -> int:
     from flows.config import ConfigError, config_yaml, load_config
 
@@ -143,9 +160,11 @@ def cmd_run(args) -> int:
     try:
         result = pipeline(config=config, workdir=args.workdir, until=args.until)
     except StageInputError as exc:
+        _stop_temporary_prefect_server()
         return _fail(str(exc), 2)
     except KeyboardInterrupt:
         return _fail("interrupted; finished stages are kept and will be reused", 130)
+    _stop_temporary_prefect_server()
     print_summary(result, time.perf_counter() - started,
                   stream=sys.stderr if args.json else sys.stdout)
     if args.json:

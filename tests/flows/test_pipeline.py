@@ -59,7 +59,8 @@ def test_full_run_is_tracked_and_a_rerun_reuses_every_stage(prefect_server, corp
     report = {a.path for a in client.list_artifacts(parent.info.run_id, "data_report")}
     assert {"data_report/data_report.md", "data_report/data_funnel.png"} <= report
     evaluate_run = next(c for c in children if c.data.tags["forgeline.stage"] == "evaluate")
-    assert "val_perplexity" in evaluate_run.data.metrics
+    assert {"pretrained_val_perplexity", "unigram_val_perplexity", "pretrained_bits_per_byte",
+            "finetuned_val_perplexity"} <= set(evaluate_run.data.metrics)
 
     second = run(work, [f"source.paths=[{corpus}]"])
     assert all(s["reused"] for s in second["stages"].values())
