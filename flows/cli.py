@@ -86,15 +86,15 @@ def print_summary(result: dict[str, Any], seconds: float, stream=None) -> None:
 
     console = Console(file=stream or sys.stdout, width=110)
     table = Table(title="forgeline run summary", title_justify="left")
-    for column, justify in (("stage", "left"), ("result", "right"), ("seconds", "right"),
-                            ("", "left")):
+    for column, justify in (("stage", "left"), ("result", "right"), ("built in (s)", "right"),
+                            ("this run", "left")):
         table.add_column(column, justify=justify)
     for name, stage in result["stages"].items():
         if stage.get("skipped"):
             table.add_row(name, "-", "-", "skipped (disabled)")
             continue
         table.add_row(name, f"{stage['count']:,} {stage.get('unit', '')}",
-                      f"{stage.get('seconds', 0):.1f}", "reused" if stage.get("reused") else "")
+                      f"{stage.get('seconds', 0):.1f}", "reused" if stage.get("reused") else "built")
     console.print(table)
     labels = {"tokens": "tokens",
               "pretrain_val_loss": "pretrain validation loss",
@@ -113,7 +113,8 @@ def print_summary(result: dict[str, Any], seconds: float, stream=None) -> None:
     console.print(f"{'data report':>32}: {result['data_report']}")
     console.print(f"{'MLflow run':>32}: {result['mlflow_run_id']}")
     console.print(f"{'MLflow store':>32}: {result['tracking_uri']}")
-    console.print(f"{'open the MLflow UI':>32}: {ui_command(result['tracking_uri'], '')}")
+    console.print(f"{'open the MLflow UI':>32}: {ui_command(result['tracking_uri'], '')}",
+                  soft_wrap=True)
     console.print(f"{'total time':>32}: {seconds:.1f}s")
 
 

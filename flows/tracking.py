@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +35,15 @@ def ui_command(uri: str, workdir: str | os.PathLike) -> str:
     """How a person opens the MLflow UI for this store."""
     if uri.startswith(("http://", "https://")):
         return f"open {uri}"
-    return f".venv/bin/mlflow ui --backend-store-uri {uri} --port 5000"
+    mlflow = Path(sys.executable).parent / "mlflow"
+    if mlflow.exists():
+        try:
+            mlflow = mlflow.relative_to(Path.cwd())
+        except ValueError:
+            pass
+    else:
+        mlflow = Path("mlflow")
+    return f"{shlex.quote(str(mlflow))} ui --backend-store-uri {shlex.quote(uri)} --port 5000"
 
 
 def _numeric(stats: dict[str, Any]) -> dict[str, float]:

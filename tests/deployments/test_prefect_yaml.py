@@ -37,3 +37,24 @@ def test_entrypoint_loads_a_flow_that_accepts_the_parameters(deployment):
 def test_pull_step_sets_the_working_directory_to_the_repository():
     step = SPEC["pull"][0]["prefect.deployments.steps.set_working_directory"]
     assert step["directory"] == "{{ $FORGELINE_HOME }}"
+
+
+def test_the_ui_form_offers_every_section_with_defaults_and_the_stage_choice():
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.config import STAGES
+    from flows.pipeline import pipeline
+
+    schema = parameter_schema(pipeline.fn).model_dump_for_openapi()
+    props = schema["properties"]
+    assert set(props) == {"config", "workdir", "until"}
+    config = schema["definitions"]["PipelineConfig"]
+    assert {"source", "crawl", "extract", "filter", "dedup", "pii", "tokenize", "pretrain",
+            "finetune", "evaluate"} <= set(config["properties"])
+    crawl = schema["definitions"]["CrawlConfig"]["properties"]
+    assert crawl["max_pages"]["default"] == 250 and crawl["max_pages"]["description"]
+    until = props["until"]
+    choices = next(v for v in until.get("anyOf", [until]) if "enum" in v or "$ref" in v)
+    if "$ref" in choices:
+        choices = schema["definitions"][choices["$ref"].rsplit("/", 1)[-1]]
+    assert choices["enum"] == list(STAGES)
