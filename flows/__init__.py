@@ -5,6 +5,9 @@ import os
 
 # No DNS here or in many clusters: Prefect's telemetry would only log errors.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The stage cores are plain functions, also called outside any flow run: their logs then
+# stay local instead of warning that they cannot reach the Prefect API.
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 PROJECT_LOGGERS = ("tasks", "models", "flows")
 
