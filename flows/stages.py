@@ -25,7 +25,7 @@ import tasks.sources
 import tasks.tokenize
 from flows.config import PipelineConfig, flatten
 from flows.tracking import Tracker
-from tasks.stage import StageInputError, run_stage
+from tasks.stage import StageInputError, load_manifest, run_stage, stage_dir
 
 Manifest = dict[str, Any]
 
@@ -53,6 +53,15 @@ def run_tracked(ctx: RunContext, stage: str, section: BaseModel | None,
     """Run one stage (or reuse its finished output) inside a nested MLflow run."""
     logger = get_run_logger()
     tracker = Tracker(ctx.tracking_uri, ctx.experiment)
+    where = stage_dir(stage, workdir=ctx.workdir, config=section, inputs=inputs, code=code,
+                      extra_key=extra_key)
+    finished = load_manifest(where)
+    if finished is not None:
+        recorded = tracker.finished_stage_run(ctx.parent_run_id, stage, finished["key"])
+        if recorded:  # a retry of this flow run: its earlier attempt recorded this stage
+            logger.info("%s: reusing finished output %s (%s %s), already recorded in MLflow "
+                        "run %s", stage, where, finished["count"], finished["unit"], recorded)
+            return {**finished, "reused": True, "mlflow_run_id": recorded}
     params = flatten(section.model_dump(mode="json"), f"{stage}.") if section else {}
     run_id = tracker.start_stage(ctx.parent_run_id, stage, params)
     on_metrics = tracker.metrics_callback(run_id)

@@ -105,6 +105,17 @@ class Tracker:
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
+    def finished_stage_run(self, parent_id: str, stage: str, key: str) -> str | None:
+        """The id of this parent's finished run of ``stage`` for the output ``key``, if any:
+        a retried flow run finds the stages its earlier attempt already recorded."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' "
+                          f"and tags.`forgeline.stage` = '{stage}' "
+                          f"and tags.`stage_key` = '{key}' and attributes.status = 'FINISHED'",
+            max_results=1)
+        return runs[0].info.run_id if runs else None
+
     def finish(self, run_id: str, ok: bool = True) -> None:
         self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
 

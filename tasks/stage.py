@@ -77,6 +77,16 @@ def load_manifest(stage_dir: str | os.PathLike) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def stage_dir(name: str, *, workdir: str | os.PathLike, config: BaseModel | dict | None = None,
+              inputs: Iterable[dict] = (), code: Iterable[ModuleType | str | os.PathLike] = (),
+              extra_key: dict | None = None) -> Path:
+    """Where ``run_stage`` keeps this stage's output for these settings, inputs and code;
+    it holds a finished output when ``load_manifest`` finds one there."""
+    key = stage_key(name, config, [m["content_hash"] for m in inputs], code_version(code),
+                    extra_key)
+    return Path(workdir) / "stages" / f"{name}-{key}"
+
+
 def run_stage(
     name: str,
     build: Callable[[Path], dict[str, Any]],
@@ -98,10 +108,10 @@ def run_stage(
     absolute paths.
     """
     inputs = list(inputs)
-    key = stage_key(name, config, [m["content_hash"] for m in inputs], code_version(code),
-                    extra_key)
-    stages_dir = Path(workdir) / "stages"
-    final_dir = stages_dir / f"{name}-{key}"
+    final_dir = stage_dir(name, workdir=workdir, config=config, inputs=inputs, code=code,
+                          extra_key=extra_key)
+    key = final_dir.name.removeprefix(f"{name}-")
+    stages_dir = final_dir.parent
 
     manifest = load_manifest(final_dir)
     if manifest is not None:

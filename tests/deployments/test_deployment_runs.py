@@ -2,6 +2,7 @@
 nightly schedule creates runs, and a run triggered with edited parameters (what the UI
 form posts) is picked up by a process worker, completes and is recorded in MLflow."""
 
+import json
 import os
 import signal
 import socket
@@ -97,39 +98,69 @@ def test_deployments_register_schedule_and_run_with_edited_parameters(server, tm
     assert all(r["expected_start_time"][11:16] == "02:00" for r in scheduled)
     assert scheduled[0]["parameters"]["config"]["crawl"]["snapshot"] == "daily"
 
-    # what the UI form posts: the whole config, edited, plus the work directory
+    # what the UI form posts: the whole config, edited, plus the work directory. The
+    # fine-tuning pairs do not exist yet, so the run fails at finetune.
     corpus = write_corpus(tmp_path / "corpus")
+    pairs = tmp_path / "pairs.jsonl"
     config = yaml.safe_load(TINY_CONFIG.read_text())
     config["source"] = {"paths": [str(corpus)]}
+    config["finetune"]["data_path"] = str(pairs)
     config["experiment"] = "forgeline-deployed"
     workdir = tmp_path / "work"
     run = client.post(f"/deployments/{deployments['on-demand']['id']}/create_flow_run",
                       json={"parameters": {"config": config, "workdir": str(workdir)}}).json()
+    failed, output = run_with_worker(client, run["id"], env, tmp_path)
+    assert failed["state"]["type"] == "FAILED", output[-5000:]
+    assert "finetune" in failed["state"]["message"]
 
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "forgeline-process",
-         "--run-once"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        state = wait_for(lambda: (client.get(f"/flow_runs/{run['id']}").json()["state"]["type"]
-                                  in TERMINAL) and client.get(f"/flow_runs/{run['id']}").json(),
-                         600, "the deployed run to finish", interval=2)
-    finally:
-        if worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGTERM)
-        output = worker.communicate(timeout=60)[0]
-    assert state["state"]["type"] == "COMPLETED", output[-5000:]
+    # the cause is fixed; the UI's Retry button puts the same flow run back in the queue
+    pairs.write_text("".join(json.dumps({"prompt": f"Say {w}:", "response": f" {w} {w}."})
+                             + "\n" for w in ["river", "stone", "apple", "music"] * 8))
+    client.post(f"/flow_runs/{run['id']}/set_state", json={
+        "state": {"type": "SCHEDULED", "name": "AwaitingRetry"}, "force": True}).raise_for_status()
+    done, output = run_with_worker(client, run["id"], env, tmp_path)
+    assert done["state"]["type"] == "COMPLETED", output[-5000:]
+    assert done["run_count"] == 2
 
-    # recorded in MLflow with the edited parameters, linked both ways
+    # one MLflow run for the flow run, with the edited parameters; the retry recorded only
+    # the stages it ran
     mlflow = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     experiment = mlflow.get_experiment_by_name("forgeline-deployed")
-    parents = mlflow.search_runs([experiment.experiment_id],
-                                 filter_string=f"tags.`prefect.flow_run_id` = '{run['id']}'")
-    parent = next(r for r in parents if "mlflow.parentRunId" not in r.data.tags)
+    runs = mlflow.search_runs([experiment.experiment_id],
+                              filter_string=f"tags.`prefect.flow_run_id` = '{run['id']}'")
+    assert len(runs) == 1
+    parent = runs[0]
     assert parent.info.status == "FINISHED"
     assert parent.data.params["pretrain.max_steps"] == str(config["pretrain"]["max_steps"])
     assert str(corpus) in parent.data.params["source.paths"]
+    children = mlflow.search_runs([experiment.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    by_stage = {}
+    for child in children:
+        by_stage.setdefault(child.data.tags["forgeline.stage"], []).append(child.info.status)
+    assert by_stage.pop("finetune") in (["FAILED", "FINISHED"], ["FINISHED", "FAILED"])
+    assert by_stage == {s: ["FINISHED"] for s in by_stage} and len(by_stage) == 8
     artifacts = client.post("/artifacts/filter", json={
         "artifacts": {"flow_run_id": {"any_": [run["id"]]}}}).json()
     summary = next(a for a in artifacts if a["key"] == "forgeline-summary")
     assert parent.info.run_id in summary["data"]
+
+
+def run_with_worker(client: httpx.Client, flow_run_id: str, env: dict, cwd) -> tuple[dict, str]:
+    """Let a process worker pick up the scheduled flow run; wait for it to end."""
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "forgeline-process",
+         "--run-once"], cwd=cwd, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def ended():
+        flow_run = client.get(f"/flow_runs/{flow_run_id}").json()
+        return flow_run if flow_run["state"]["type"] in TERMINAL else None
+
+    try:
+        flow_run = wait_for(ended, 600, "the deployed run to end", interval=2)
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGTERM)
+        output = worker.communicate(timeout=60)[0]
+    return flow_run, output
