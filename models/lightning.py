@@ -5,6 +5,7 @@ shared by both stages.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -16,6 +17,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from models.llama import Llama
+
+log = logging.getLogger(__name__)
 
 MetricsFn = Callable[[dict[str, float], int], None]
 
@@ -88,8 +91,8 @@ class MetricsCallback(Callback):
     and after each validation val_loss.
     """
 
-    def __init__(self, on_metrics: MetricsFn | None, log_every: int):
-        self.on_metrics, self.log_every = on_metrics, max(1, log_every)
+    def __init__(self, on_metrics: MetricsFn | None, log_every: int, name: str = "train"):
+        self.on_metrics, self.log_every, self.name = on_metrics, max(1, log_every), name
         self.train_history: list[tuple[int, float]] = []
         self.val_history: list[tuple[int, float]] = []
         self.tokens_seen = 0
@@ -134,6 +137,10 @@ class MetricsCallback(Callback):
         val_loss = float(trainer.callback_metrics["val_loss"])
         self.val_history.append((trainer.global_step, val_loss))
         self._emit({"val_loss": val_loss}, trainer.global_step)
+        train_loss = self.train_history[-1][1] if self.train_history else float("nan")
+        log.info("%s: step %d/%d, train loss %.3f, val loss %.3f, %.0f tokens/s",
+                 self.name, trainer.global_step, trainer.max_steps, train_loss, val_loss,
+                 self.tokens_seen / max(self.train_seconds, 1e-9))
         self._window_start = time.perf_counter()  # validation time is not training speed
 
 

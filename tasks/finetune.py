@@ -206,7 +206,7 @@ def finetune(config: FinetuneConfig, tokenized_dir: Path, pretrained_dir: Path,
                                   collate_trimmed)
     module = SupervisedFineTuning(model, config.learning_rate, config.weight_decay,
                                   config.warmup_steps, config.max_steps, config.min_lr_ratio)
-    callback = MetricsCallback(on_metrics, config.log_every_steps)
+    callback = MetricsCallback(on_metrics, config.log_every_steps, name="finetune")
     trainer = make_trainer(
         max_steps=config.max_steps, grad_accum=1, grad_clip=config.grad_clip,
         val_every_steps=config.val_every_steps, precision=resolve_precision(

@@ -157,7 +157,7 @@ def pretrain(config: PretrainConfig, tokenized_dir: Path, out_dir: Path,
              config.batch_size * config.grad_accum, config.context_length, config.accelerator,
              precision)
 
-    callback = MetricsCallback(on_metrics, config.log_every_steps)
+    callback = MetricsCallback(on_metrics, config.log_every_steps, name="pretrain")
     trainer = make_trainer(
         max_steps=config.max_steps, grad_accum=config.grad_accum, grad_clip=config.grad_clip,
         val_every_steps=min(config.val_every_steps, config.max_steps), precision=precision,
