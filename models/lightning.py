@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from typing import Literal
 
 import lightning as L
 import torch
@@ -19,6 +20,23 @@ from lightning.pytorch.callbacks import Callback
 from models.llama import Llama
 
 log = logging.getLogger(__name__)
+
+# The settings Lightning accepts, as types: a config with any other value fails when it is
+# loaded (and the Prefect UI offers these as choices) instead of when training starts.
+Precision = Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true",
+                    "64-true", "transformer-engine", "transformer-engine-float16"]
+Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"]
+
+
+def check_strategy(strategy: str) -> str:
+    """A Lightning strategy name ('auto', 'ddp', 'fsdp', ...), or a ValueError listing them."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    names = StrategyRegistry.available_strategies()
+    if strategy != "auto" and strategy not in names:
+        raise ValueError(f"unknown Lightning strategy {strategy!r}; use 'auto' or one of "
+                         f"{', '.join(sorted(names))}")
+    return strategy
 
 MetricsFn = Callable[[dict[str, float], int], None]
 

@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import sentencepiece as spm
@@ -65,7 +66,8 @@ class EvaluateConfig(BaseModel):
     top_k: int | None = Field(
         40, ge=1, description="Sample only among the k most likely tokens; empty = all.")
     seed: int = Field(0, description="Seed for sampling.")
-    accelerator: str = Field("auto", description="'auto' (a CUDA GPU when present) or 'cpu'.")
+    accelerator: Literal["auto", "cpu", "gpu", "cuda"] = Field(
+        "auto", description="'auto' (a CUDA GPU when present), 'cpu', or 'gpu'/'cuda'.")
 
 
 def model_metrics(model: Llama, data: StridedWindows, meta: dict, batch_size: int,

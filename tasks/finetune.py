@@ -27,8 +27,10 @@ from models.checkpoint import load_model, save_model
 from models.data import Pair, SFTDataset, collate_trimmed, read_meta
 from models.evaluation import evaluate_loss, pick_device, plot_loss_curve
 from models.lightning import (
+    Accelerator,
     MetricsCallback,
     MetricsFn,
+    Precision,
     SupervisedFineTuning,
     make_trainer,
     resolve_precision,
@@ -89,10 +91,11 @@ class FinetuneConfig(BaseModel):
         20, ge=1, description="Measure the held-out loss every this many steps.")
     log_every_steps: int = Field(
         5, ge=1, description="Report train loss and learning rate every N steps.")
-    precision: str = Field(
+    precision: Precision = Field(
         "auto", description="Lightning precision: 'auto' = 'bf16-mixed' on a CUDA GPU with "
                             "bf16, else '32-true'.")
-    accelerator: str = Field("auto", description="Lightning accelerator: 'auto', 'cpu', 'gpu'.")
+    accelerator: Accelerator = Field(
+        "auto", description="Lightning accelerator: 'auto', 'cpu', 'gpu', 'cuda', 'mps'.")
     devices: str | int = Field("auto", description="Devices to train on: 'auto' or a number.")
     seed: int = Field(0, description="Seed for the order of pairs and dropout.")
     num_threads: int = Field(

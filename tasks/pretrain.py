@@ -16,16 +16,19 @@ import time
 from pathlib import Path
 
 import lightning as L
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch.utils.data import DataLoader
 
 from models.checkpoint import save_model
 from models.data import RandomWindows, StridedWindows, read_meta
 from models.evaluation import evaluate_loss, plot_loss_curve
 from models.lightning import (
+    Accelerator,
     CausalLM,
     MetricsCallback,
     MetricsFn,
+    Precision,
+    check_strategy,
     make_trainer,
     resolve_precision,
     set_threads,
@@ -83,11 +86,11 @@ class PretrainConfig(BaseModel):
         100, ge=1, description="Validate every this many optimizer steps.")
     val_batches: int = Field(
         8, ge=1, description="Validation batches per check, spread evenly over val.bin.")
-    precision: str = Field(
+    precision: Precision = Field(
         "auto",
         description="Lightning precision: 'auto' = 'bf16-mixed' on a CUDA GPU with bf16, "
                     "else '32-true'; or any Lightning value such as '16-mixed'.")
-    accelerator: str = Field(
+    accelerator: Accelerator = Field(
         "auto", description="Lightning accelerator: 'auto', 'cpu', 'gpu', 'cuda', 'mps'.")
     devices: str | int = Field(
         "auto", description="Devices to train on: 'auto' or a number.")
@@ -101,6 +104,13 @@ class PretrainConfig(BaseModel):
     log_every_steps: int = Field(
         10, ge=1, description="Report train loss, learning rate and tokens/s every N steps.")
 
+    _strategy = field_validator("strategy")(check_strategy)
+
+    @model_validator(mode="after")
+    def _model_shape_is_buildable(self) -> PretrainConfig:
+        model_config_for(self, vocab_size=256)  # the shape's own checks, before any work
+        return self
+
 
 def model_config_for(config: PretrainConfig, vocab_size: int) -> ModelConfig:
     """The ModelConfig, with its validation errors phrased as pretrain settings."""
@@ -110,7 +120,7 @@ def model_config_for(config: PretrainConfig, vocab_size: int) -> ModelConfig:
                            n_heads=config.n_heads, n_kv_heads=config.n_kv_heads,
                            dropout=config.dropout)
     except ValueError as exc:
-        raise ValueError(f"pretrain: invalid model shape: {exc}") from exc
+        raise ValueError(f"invalid model shape: {exc}") from exc
 
 
 def check_tokens(meta: dict, context_length: int) -> None:

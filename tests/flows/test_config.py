@@ -37,6 +37,10 @@ def test_set_overrides_apply_in_order():
     ("crawl.max_pages=many", "crawl.max_pages"),
     ("crawl.max_pagez=5", "crawl.max_pagez"),
     ("nonsense.key=1", "nonsense"),
+    ("pretrain.n_heads=3", "divisible by n_heads"),  # a shape the model cannot build
+    ("pretrain.precision=fp8", "pretrain.precision"),
+    ("pretrain.strategy=foo", "pretrain.strategy"),
+    ("evaluate.accelerator=tpu", "evaluate.accelerator"),
 ])
 def test_invalid_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as info:

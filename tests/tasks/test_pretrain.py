@@ -5,6 +5,7 @@ import random
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 import torch
 
 from models.checkpoint import load_model
@@ -95,6 +96,8 @@ def test_too_few_tokens_for_one_window_is_an_input_error(tokenized, tmp_path):
         pretrain(PretrainConfig(**{**TINY, "context_length": 100_000}), tokenized, tmp_path)
 
 
-def test_bad_model_shape_is_a_config_error(tokenized, tmp_path):
-    with pytest.raises(ValueError, match="divisible by n_heads"):
-        pretrain(PretrainConfig(**{**TINY, "n_heads": 5}), tokenized, tmp_path)
+def test_bad_model_shape_is_refused_when_the_config_is_loaded():
+    with pytest.raises(ValidationError, match="divisible by n_heads"):
+        PretrainConfig(**{**TINY, "n_heads": 5})
+    with pytest.raises(ValidationError, match="multiple of n_kv_heads"):
+        PretrainConfig(**{**TINY, "n_heads": 4, "n_kv_heads": 3})
