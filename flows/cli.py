@@ -165,6 +165,9 @@ def cmd_run(args) -> int:
         return _fail(str(exc), 2)
     except KeyboardInterrupt:
         return _fail("interrupted; finished stages are kept and will be reused", 130)
+    except Exception:
+        _stop_temporary_prefect_server()  # so that the traceback comes last
+        raise
     _stop_temporary_prefect_server()
     print_summary(result, time.perf_counter() - started,
                   stream=sys.stderr if args.json else sys.stdout)

@@ -39,7 +39,7 @@ from models.lightning import (
 from tasks.pretrain import copy_tokenizer
 from tasks.shards import iter_records, write_text_atomic
 from tasks.stage import StageInputError
-from tasks.tokenize import is_validation
+from tasks.tokenize import is_validation, read_val_ids
 
 log = logging.getLogger(__name__)
 
@@ -163,20 +163,26 @@ def file_pairs(path: Path, max_pairs: int) -> list[tuple[str, Pair]]:
     return pairs
 
 
-def split_pairs(pairs: list[tuple[str, Pair]], val_fraction: float
+def split_pairs(pairs: list[tuple[str, Pair]], val_fraction: float,
+                held_out: frozenset[str] | set[str] = frozenset()
                 ) -> tuple[list[Pair], list[Pair]]:
-    """Split by the same id hash as the tokenizer, so documents held out of pretraining are
-    held out here too; at least one pair lands on each side."""
+    """Split by the same id hash as the tokenizer; ids in ``held_out`` (the documents the
+    tokenize stage held out of pretraining) always validate, so the fine-tuned model never
+    trains on them either. At least one pair lands on each side."""
     if len(pairs) < 2:
         raise StageInputError(STAGE, f"{len(pairs)} prompt/response pair(s) found; at least 2 "
                                      "are needed (one to train, one to validate)")
-    train = [pair for key, pair in pairs if not is_validation(key, val_fraction)]
-    val = [pair for key, pair in pairs if is_validation(key, val_fraction)]
+    train = [(k, p) for k, p in pairs if k not in held_out and not is_validation(k, val_fraction)]
+    val = [(k, p) for k, p in pairs if k in held_out or is_validation(k, val_fraction)]
     if not val:
         val.append(train.pop())
     if not train:
-        train.append(val.pop())
-    return train, val
+        movable = [i for i, (k, _) in enumerate(val) if k not in held_out]
+        if not movable:
+            raise StageInputError(STAGE, f"all {len(val)} pairs come from documents held out of "
+                                         "pretraining; provide more documents or pairs")
+        train.append(val.pop(movable[-1]))
+    return [p for _, p in train], [p for _, p in val]
 
 
 def finetune(config: FinetuneConfig, tokenized_dir: Path, pretrained_dir: Path,
@@ -185,9 +191,11 @@ def finetune(config: FinetuneConfig, tokenized_dir: Path, pretrained_dir: Path,
     tokenized_dir, pretrained_dir, out_dir = Path(tokenized_dir), Path(pretrained_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = read_meta(tokenized_dir)
-    pairs = (file_pairs(Path(config.data_path), config.max_pairs) if config.data_path
-             else corpus_pairs(config, Path(corpus_dir)))
-    train_pairs, val_pairs = split_pairs(pairs, config.val_fraction)
+    if config.data_path:
+        pairs, held_out = file_pairs(Path(config.data_path), config.max_pairs), set()
+    else:  # pairs from the corpus: documents held out of pretraining stay held out
+        pairs, held_out = corpus_pairs(config, Path(corpus_dir)), read_val_ids(tokenized_dir)
+    train_pairs, val_pairs = split_pairs(pairs, config.val_fraction, held_out)
 
     L.seed_everything(config.seed, workers=True, verbose=False)
     set_threads(config.num_threads)

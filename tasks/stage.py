@@ -37,7 +37,10 @@ class StageInputError(Exception):
 
     def __init__(self, stage: str, message: str):
         super().__init__(f"{stage}: {message}")
-        self.stage = stage
+        self.stage, self.message = stage, message
+
+    def __reduce__(self):  # survives pickling: process, Dask and Ray task runners
+        return type(self), (self.stage, self.message)
 
 
 def code_version(modules: Iterable[ModuleType | str | os.PathLike]) -> str:
@@ -71,10 +74,35 @@ def stage_key(name: str, config: BaseModel | dict | None, input_hashes: Iterable
 
 
 def load_manifest(stage_dir: str | os.PathLike) -> dict | None:
+    """The manifest of a finished stage directory (None if unfinished), its paths pointing
+    into the directory where it is now, even if the work directory was moved since."""
     path = Path(stage_dir) / MANIFEST
     if not path.exists():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    here, then = Path(stage_dir).resolve(), Path(manifest["dir"])
+
+    def rebase(p: str) -> str:
+        try:
+            return str(here / Path(p).relative_to(then))
+        except ValueError:  # outside the stage directory: left as written
+            return p
+
+    manifest["output"] = rebase(manifest["output"])
+    manifest["artifacts"] = {k: rebase(v) for k, v in manifest["artifacts"].items()}
+    manifest["dir"] = str(here)
+    return manifest
+
+
+def _alive(pid: str) -> bool:
+    """Whether the process that owns a temporary stage directory is still running here."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return int(pid) != os.getpid()  # our own leftover is from an earlier, failed attempt
 
 
 def stage_dir(name: str, *, workdir: str | os.PathLike, config: BaseModel | dict | None = None,
@@ -121,7 +149,8 @@ def run_stage(
 
     stages_dir.mkdir(parents=True, exist_ok=True)
     for stale in stages_dir.glob(f".tmp-{name}-{key}-*"):
-        shutil.rmtree(stale, ignore_errors=True)  # left by an interrupted earlier attempt
+        if not _alive(stale.name.rsplit("-", 1)[-1]):  # left by an interrupted attempt
+            shutil.rmtree(stale, ignore_errors=True)
     tmp_dir = stages_dir / f".tmp-{name}-{key}-{os.getpid()}"
     if final_dir.exists():  # a directory without manifest is an incomplete leftover
         shutil.rmtree(final_dir)
@@ -154,7 +183,15 @@ def run_stage(
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     write_text_atomic(tmp_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp_dir, final_dir)
+    try:
+        os.replace(tmp_dir, final_dir)
+    except OSError:
+        finished = load_manifest(final_dir)
+        if finished is None:
+            raise
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # another run finished it meanwhile
+        log(f"{name}: another run finished {final_dir} first; using its output")
+        return {**finished, "reused": True}
     manifest["reused"] = False
     log(f"{name}: wrote {manifest['count']} {manifest['unit']} to {final_dir} in {seconds:.1f}s")
     return manifest

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -108,6 +109,15 @@ def training_lines(text: str, max_bytes: int):
             yield data[start:start + max_bytes].decode("utf-8", errors="ignore")
 
 
+VAL_IDS = "val_ids.json"
+
+
+def read_val_ids(tokenized_dir: Path) -> set[str]:
+    """The ids of the documents in val.bin (held out of pretraining)."""
+    path = Path(tokenized_dir) / VAL_IDS
+    return set(json.loads(path.read_text(encoding="utf-8"))) if path.exists() else set()
+
+
 def write_training_text(input_dir: Path, val_ids: set[str], path: Path,
                         max_bytes: int) -> tuple[int, int]:
     """Stream the training documents' lines to ``path``; returns (lines, characters)."""
@@ -145,6 +155,14 @@ def train_tokenizer(config: TokenizeConfig, text_path: Path, model_prefix: Path,
         )
     except RuntimeError as exc:
         message = str(exc)
+        needed = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
+        if needed:  # every character kept (and the 256 byte pieces) needs a piece of its own
+            raise StageInputError(
+                STAGE, f"tokenize.vocab_size={config.vocab_size} is too small for the "
+                       f"{needed.group(2)} pieces this text needs at least (its characters"
+                       f"{' and the 256 byte pieces' if config.byte_fallback else ''}); raise "
+                       f"tokenize.vocab_size above {needed.group(2)} or lower "
+                       "tokenize.character_coverage") from exc
         if "Vocabulary size" in message or "vocab_size" in message:
             raise StageInputError(
                 STAGE, f"the training text ({lines} lines, {chars} characters) is too small for "
@@ -219,6 +237,7 @@ def tokenize_corpus(config: TokenizeConfig, input_dir: Path, out_dir: Path) -> d
     meta = {"dtype": dtype.name, "vocab_size": vocab_size, "bos_id": sp.bos_id(),
             "eos_id": sp.eos_id(), "pad_id": sp.pad_id(), "unk_id": sp.unk_id(),
             "model_type": config.model_type, **counts}
+    write_text_atomic(out_dir / VAL_IDS, json.dumps(sorted(val_ids)))
     write_text_atomic(out_dir / "meta.json", json.dumps(meta, indent=2))
 
     tokens = counts["train_tokens"] + counts["val_tokens"]

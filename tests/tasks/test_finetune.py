@@ -6,11 +6,12 @@ import random
 
 import pytest
 
-from tasks.finetune import FinetuneConfig, document_title, finetune
+from models.data import Pair
+from tasks.finetune import FinetuneConfig, document_title, finetune, split_pairs
 from tasks.pretrain import PretrainConfig, pretrain
 from tasks.shards import write_records
 from tasks.stage import StageInputError
-from tasks.tokenize import TokenizeConfig, tokenize_corpus
+from tasks.tokenize import TokenizeConfig, is_validation, tokenize_corpus
 
 NAMES = ["json", "socket", "pathlib", "csv", "zipfile", "random", "string", "struct"]
 FAST = {"max_steps": 40, "batch_size": 8, "warmup_steps": 3, "val_every_steps": 20,
@@ -89,3 +90,15 @@ def test_title_falls_back_to_first_line_then_url():
     assert document_title({"title": "", "text": "\n  First line\nmore"}) == "First line"
     assert document_title({"text": "", "url": "http://h/library/json.html"}) == \
         "library/json.html"
+
+
+def test_documents_held_out_of_pretraining_are_never_fine_tuned_on():
+    pairs = [(f"doc-{i}", Pair(f"Title {i}:", f" text {i}")) for i in range(40)]
+    trained_by_hash = [k for k, _ in pairs if not is_validation(k, 0.1)]
+    held_out = set(trained_by_hash[:3])  # held out by the tokenizer's forced pick, say
+    train, val = split_pairs(pairs, 0.1, held_out)
+    by_key = dict(pairs)
+    assert all(by_key[k] in val and by_key[k] not in train for k in held_out)
+    assert len(train) + len(val) == 40 and train
+    with pytest.raises(StageInputError, match="held out of pretraining"):
+        split_pairs(pairs[:2], 0.1, {"doc-0", "doc-1"})

@@ -5,8 +5,8 @@ import random
 
 import numpy as np
 import pytest
-from pydantic import ValidationError
 import torch
+from pydantic import ValidationError
 
 from models.checkpoint import load_model
 from models.data import StridedWindows

@@ -67,3 +67,44 @@ def test_directory_without_manifest_is_not_trusted(tmp_path):
 def test_stage_input_error_names_the_stage():
     error = StageInputError("filter", "no documents left")
     assert str(error) == "filter: no documents left" and error.stage == "filter"
+
+
+def test_stage_input_error_survives_pickling():
+    import pickle
+
+    error = pickle.loads(pickle.dumps(StageInputError("filter", "no document kept")))
+    assert isinstance(error, StageInputError)
+    assert (error.stage, str(error)) == ("filter", "filter: no document kept")
+
+
+def test_a_moved_work_directory_is_reused_at_its_new_place(tmp_path):
+    calls = []
+    run_stage("demo", _writer(calls), workdir=tmp_path / "w1", config={"a": 1},
+              log=lambda m: None)
+    (tmp_path / "w1").rename(tmp_path / "w2")
+    moved = run_stage("demo", _writer(calls), workdir=tmp_path / "w2", config={"a": 1},
+                      log=lambda m: None)
+    assert len(calls) == 1 and moved["reused"]
+    assert moved["output"].startswith(str((tmp_path / "w2").resolve()))
+    assert count_records(moved["output"]) == 1
+
+
+def test_leftovers_of_dead_attempts_go_but_a_live_one_is_left_alone(tmp_path):
+    import subprocess
+    import sys
+
+    from tasks.stage import stage_dir
+
+    key = stage_dir("demo", workdir=tmp_path, config={"a": 1}).name.removeprefix("demo-")
+    stages = tmp_path / "stages"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead = stages / f".tmp-demo-{key}-999999999"
+        busy = stages / f".tmp-demo-{key}-{live.pid}"
+        dead.mkdir(parents=True)
+        busy.mkdir()
+        run_stage("demo", _writer([]), workdir=tmp_path, config={"a": 1}, log=lambda m: None)
+        assert not dead.exists() and busy.exists()
+    finally:
+        live.kill()
+        live.wait()

@@ -9,7 +9,7 @@ import sentencepiece as spm
 
 from tasks.shards import write_records
 from tasks.stage import StageInputError
-from tasks.tokenize import TokenizeConfig, is_validation, tokenize_corpus
+from tasks.tokenize import TokenizeConfig, is_validation, read_val_ids, tokenize_corpus
 
 WORDS = ["module", "function", "returns", "the", "value", "of", "a", "list", "string",
          "json", "parse", "object", "file", "path", "error", "raised", "when", "called"]
@@ -68,6 +68,7 @@ def test_split_is_stable_and_follows_the_id_hash(tmp_path):
     expected = [r["text"] for r in records if is_validation(r["id"], 0.3)]
     assert 5 < len(expected) < 35
     assert read_docs(tmp_path / "a", "val") == expected
+    assert read_val_ids(tmp_path / "a") == {r["id"] for r in records if is_validation(r["id"], 0.3)}
 
 
 def test_empty_corpus_is_an_input_error(tmp_path):
@@ -80,3 +81,11 @@ def test_vocabulary_too_large_for_the_corpus_names_the_setting(tmp_path):
     make_corpus(tmp_path / "in", docs=5)
     with pytest.raises(StageInputError, match=r"too small for tokenize.vocab_size=50000"):
         tokenize_corpus(TokenizeConfig(vocab_size=50000), tmp_path / "in", tmp_path / "out")
+
+
+def test_vocabulary_too_small_for_the_characters_says_to_raise_it(tmp_path):
+    make_corpus(tmp_path / "in", docs=5)
+    with pytest.raises(StageInputError, match=r"vocab_size=100 is too small .* raise "
+                                              r"tokenize.vocab_size above \d+"):
+        tokenize_corpus(TokenizeConfig(vocab_size=100), tmp_path / "in", tmp_path / "out")
+    assert not (tmp_path / "out" / "tokenizer.model").exists()
