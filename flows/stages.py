@@ -15,6 +15,7 @@ from pydantic import BaseModel
 import models
 import tasks.crawl
 import tasks.dedup
+import tasks.docserver
 import tasks.evaluate
 import tasks.extract
 import tasks.filter
@@ -110,19 +111,14 @@ def crawl_stage(config: PipelineConfig, ctx: RunContext) -> Manifest:
 
     snapshot = tasks.crawl.resolve_snapshot(config.crawl.snapshot)
 
-    def build(out_dir: Path, _) -> dict:
-        if config.crawl.seeds:
-            return tasks.crawl.crawl(config.crawl, out_dir)
-        from tasks.docserver import serve_python_docs
-
-        with serve_python_docs() as url:
-            get_run_logger().info("crawl: serving this Python's documentation at %s", url)
-            return tasks.crawl.crawl(config.crawl, out_dir, seeds=[url])
-
     extra = {"snapshot": snapshot}
-    if not config.crawl.seeds:
+    code = [tasks.crawl]
+    if not config.crawl.seeds:  # this Python's docs, served on loopback by tasks.docserver
         extra["python_docs"] = platform.python_version()
-    return run_tracked(ctx, "crawl", config.crawl, build, code=[tasks.crawl], extra_key=extra)
+        code.append(tasks.docserver)
+    return run_tracked(ctx, "crawl", config.crawl,
+                       lambda out_dir, _: tasks.crawl.crawl(config.crawl, out_dir),
+                       code=code, extra_key=extra)
 
 
 def _data_stage(name: str, core: Callable, module,

@@ -24,6 +24,7 @@ import logging
 import re
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
@@ -253,9 +254,10 @@ class Crawler:
     """One crawl: a breadth-first frontier worked on by ``concurrency`` asyncio workers."""
 
     def __init__(self, config: CrawlConfig, seeds: list[str], writer: ShardWriter,
-                 failures: TextIO):
+                 failures: TextIO, stored_url: Callable[[str], str] = str):
         self.config, self.seeds, self.writer, self.failures_file = \
             config, seeds, writer, failures
+        self.stored_url = stored_url
         self.agent = config.user_agent.split("/")[0].strip().lower()
         self.include = [re.compile(p) for p in config.include]
         self.exclude = [re.compile(p) for p in config.exclude]
@@ -334,10 +336,11 @@ class Crawler:
             self.stats["noindex"] += 1
             return False
         self.writer.add({
-            "id": url_id(response.url), "url": response.url, "text": text,
+            "id": url_id(self.stored_url(response.url)), "url": self.stored_url(response.url),
+            "text": text,
             "content_type": content_type, "status": response.status,
             "fetched_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "depth": depth, "seed": seed})
+            "depth": depth, "seed": self.stored_url(seed)})
         self.stats["pages_fetched"] += 1
         self.stats["bytes"] += len(response.body)
         self.bar.update(1)
@@ -503,17 +506,25 @@ def _run(coroutine_factory) -> None:
         pool.submit(lambda: asyncio.run(coroutine_factory())).result()
 
 
-def crawl(config: CrawlConfig, out_dir: Path, seeds: list[str] | None = None) -> dict:
+# Where the embedded docs' pages are recorded: the server's port changes from run to run,
+# and page ids (hence the train/validation split) must not.
+DOCS_ORIGIN = "http://pydoc.localhost"
+
+
+def crawl(config: CrawlConfig, out_dir: Path, seeds: list[str] | None = None,
+          record_origin: str | None = None) -> dict:
     """Crawl from ``seeds`` (default ``config.seeds``; when both are empty, this Python's
     docs served on loopback) into ``out_dir/data``; ``out_dir/failures.jsonl`` lists the
-    URLs that gave no page and why."""
+    URLs that gave no page and why. With ``record_origin``, pages of the first seed's
+    origin are recorded (url and id) as if served from that origin."""
     seeds = list(config.seeds if seeds is None else seeds)
     if not seeds:
         from tasks.docserver import serve_python_docs
 
         with serve_python_docs() as url:
-            log.info("crawl: serving this Python's documentation at %s", url)
-            return crawl(config, out_dir, [url])
+            log.info("crawl: serving this Python's documentation at %s (recorded as %s)",
+                     url, DOCS_ORIGIN)
+            return crawl(config, out_dir, [url], record_origin=DOCS_ORIGIN)
     canonical = [canonical_url(s) for s in seeds]
     if None in canonical:
         bad = seeds[canonical.index(None)]
@@ -525,7 +536,13 @@ def crawl(config: CrawlConfig, out_dir: Path, seeds: list[str] | None = None) ->
     started = time.perf_counter()
     with ShardWriter(out_dir / "data", config.shard_size) as writer, \
             open(out_dir / "failures.jsonl", "w", encoding="utf-8") as failures_file:
-        crawler = Crawler(config, list(dict.fromkeys(canonical)), writer, failures_file)
+        stored_url = str
+        if record_origin:
+            served = _origin(canonical[0])
+            stored_url = lambda url: (record_origin + url[len(served):]
+                                      if url.startswith(served + "/") else url)
+        crawler = Crawler(config, list(dict.fromkeys(canonical)), writer, failures_file,
+                          stored_url)
         _run(crawler.run)
     seconds = time.perf_counter() - started
     stats = {**crawler.stats, "seconds": round(seconds, 3),

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from pydantic import ValidationError
 
-from tasks.crawl import CrawlConfig, canonical_url, crawl, resolve_snapshot
+from tasks.crawl import DOCS_ORIGIN, CrawlConfig, canonical_url, crawl, resolve_snapshot
 from tasks.docserver import serve_python_docs
 from tasks.shards import iter_records
 from tasks.stage import StageInputError
@@ -280,10 +280,15 @@ def test_small_crawl_of_the_python_docs_server(tmp_path):
     assert all("Pydoc" in page["text"] for page in pages.values())
 
 
-def test_without_seeds_the_embedded_python_docs_are_crawled(tmp_path):
-    result = crawl(CrawlConfig(max_pages=3), tmp_path / "out")
-    urls = [r["url"] for r in iter_records(tmp_path / "out" / "data", ["url"])]
-    assert result["count"] == 3 and all(u.startswith("http://127.0.0.1:") for u in urls)
+def test_without_seeds_the_embedded_python_docs_are_crawled_under_stable_ids(tmp_path):
+    # the docs server listens on a new port each time; page urls and ids must not change
+    first = crawl(CrawlConfig(max_pages=3), tmp_path / "a")
+    second = crawl(CrawlConfig(max_pages=3), tmp_path / "b")
+    rows = {d: list(iter_records(tmp_path / d / "data", ["id", "url", "seed"])) for d in "ab"}
+    assert first["count"] == second["count"] == 3
+    assert all(r["url"].startswith(DOCS_ORIGIN + "/") and r["seed"] == DOCS_ORIGIN + "/"
+               for r in rows["a"])
+    assert {r["id"] for r in rows["a"]} == {r["id"] for r in rows["b"]}
 
 
 def test_url_canonicalization():
