@@ -3,6 +3,7 @@ stage runner (reusing finished output), and record the stage as a nested MLflow 
 
 from __future__ import annotations
 
+import importlib.metadata
 import platform
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ import tasks.filter
 import tasks.finetune
 import tasks.pii
 import tasks.pretrain
+import tasks.shards
 import tasks.sources
 import tasks.tokenize
 from flows.config import PipelineConfig, flatten
@@ -48,11 +50,35 @@ def _retry_unless_input_error(task, task_run, state) -> bool:
 RETRIES = {"retry_condition_fn": _retry_unless_input_error, "cache_policy": NO_CACHE}
 
 
+# A new release of one of these can change a stage's output, so its version is in the key.
+STAGE_LIBRARIES = {
+    "crawl": ("httpx", "lxml"), "extract": ("trafilatura", "lxml"), "filter": (),
+    "dedup": ("datasketch",), "pii": ("presidio-analyzer", "presidio-anonymizer", "spacy"),
+    "tokenize": ("sentencepiece",), "pretrain": ("torch", "lightning"),
+    "finetune": ("torch", "lightning", "sentencepiece"), "evaluate": ("torch", "sentencepiece"),
+}
+
+
+def library_versions(names: tuple[str, ...]) -> dict[str, str | None]:
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
 def run_tracked(ctx: RunContext, stage: str, section: BaseModel | None,
                 build: Callable[[Path, Callable | None], dict], *, inputs: list[Manifest] = (),
                 code: list = (), extra_key: dict | None = None) -> Manifest:
-    """Run one stage (or reuse its finished output) inside a nested MLflow run."""
+    """Run one stage (or reuse its finished output) inside a nested MLflow run.
+
+    The output is keyed by the stage's settings, its inputs, ``code`` (plus the shard
+    writer), ``extra_key`` and the versions of the libraries that compute it."""
     logger = get_run_logger()
+    code = [*code, tasks.shards]
+    extra_key = {**(extra_key or {}), "libraries": library_versions(STAGE_LIBRARIES[stage])}
     tracker = Tracker(ctx.tracking_uri, ctx.experiment)
     where = stage_dir(stage, workdir=ctx.workdir, config=section, inputs=inputs, code=code,
                       extra_key=extra_key)
@@ -170,7 +196,8 @@ def finetune_stage(config: PipelineConfig, tokens: Manifest, pretrained: Manifes
         lambda out, on_metrics: tasks.finetune.finetune(
             config.finetune, Path(tokens["output"]), Path(pretrained["output"]),
             Path(corpus["output"]), out, on_metrics=on_metrics),
-        inputs=[tokens, pretrained, corpus], code=[tasks.finetune, *MODEL_CODE], extra_key=extra)
+        inputs=[tokens, pretrained, corpus], code=[tasks.finetune, tasks.tokenize, *MODEL_CODE],
+        extra_key=extra)
 
 
 @task(name="evaluate", retries=1, **RETRIES)

@@ -119,6 +119,10 @@ class PiiConfig(BaseModel):
         description="Longer documents are analysed in pieces of at most this many characters, "
                     "cut at a line break or space: Presidio slows down on very long texts and "
                     "spaCy refuses texts over 1,000,000 characters.")
+    columns: list[str] = Field(
+        default_factory=lambda: ["text", "title", "author", "description"], min_length=1,
+        description="Text columns to scrub; those a corpus does not have are skipped. The "
+                    "title goes into fine-tuning prompts, so it is scrubbed too.")
     shard_size: int = Field(1000, ge=1, description="Documents per output parquet shard.")
 
     @field_validator("entities")
@@ -412,7 +416,8 @@ def batched(records: Iterable[dict], size: int) -> Iterator[list[dict]]:
 
 
 def scrub_pii(config: PiiConfig, input_dir: Path, out_dir: Path) -> dict:
-    """Write every input document to ``out_dir/data`` with its personal data replaced.
+    """Write every input document to ``out_dir/data`` with the personal data in its
+    ``config.columns`` replaced.
 
     Columns are kept and two are added: ``pii_count`` (replacements in the document) and
     ``pii_counts`` (a JSON object, entity type -> replacements, e.g. '{"EMAIL_ADDRESS": 2}').
@@ -438,10 +443,17 @@ def scrub_pii(config: PiiConfig, input_dir: Path, out_dir: Path) -> dict:
     with ShardWriter(Path(out_dir) / "data", config.shard_size) as writer, \
             progress(total=total, desc="pii", unit="doc") as bar:
         for batch in batched(iter_records(input_dir), config.batch_size):
-            texts = [record["text"] or "" for record in batch]
-            chars += sum(len(text) for text in texts)
-            for record, (text, counts) in zip(batch, scrubber.scrub(texts)):
-                record["text"] = text
+            found = [Counter() for _ in batch]
+            for column in config.columns:
+                if column not in batch[0]:
+                    continue
+                texts = [record[column] or "" for record in batch]
+                chars += sum(len(text) for text in texts)
+                for record, counter, (text, counts) in zip(batch, found, scrubber.scrub(texts)):
+                    if record[column] is not None:
+                        record[column] = text
+                    counter.update(counts)
+            for record, counts in zip(batch, found):
                 record["pii_count"] = sum(counts.values())
                 record["pii_counts"] = json.dumps(dict(sorted(counts.items())))
                 with_pii += bool(counts)

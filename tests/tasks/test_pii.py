@@ -67,6 +67,17 @@ def test_each_entity_type_becomes_its_placeholder_and_clean_text_is_unchanged(tm
     assert [d["pii_count"] for d in out] == [1, 1, 1, 1, 1, 1, 0]
 
 
+def test_titles_are_scrubbed_too_and_counted(tmp_path):
+    docs = [{"id": "t", "url": "u", "title": "Mail jane.roe@example.com",
+             "text": "Nothing personal here at all."}]
+    _, out = run(tmp_path, docs)
+    assert out[0]["title"] == "Mail <EMAIL_ADDRESS>"
+    assert out[0]["text"] == docs[0]["text"]
+    assert json.loads(out[0]["pii_counts"]) == {"EMAIL_ADDRESS": 1}
+    _, kept = run(tmp_path / "text-only", docs, columns=["text"])
+    assert kept[0]["title"] == docs[0]["title"]
+
+
 def test_stats_count_what_was_replaced(tmp_path):
     docs = DOCS + [{"id": "two", "url": "u", "title": "t",
                     "text": "Write to a@example.com or b@example.org."}]
