@@ -13,6 +13,8 @@ PROJECT_LOGGERS = ("tasks", "models", "flows")
 
 # httpx logs every request at INFO; the crawler logs its own progress and failures.
 logging.getLogger("httpx").setLevel(logging.WARNING)
+# Lightning's start-up notes (GPU/TPU available, tips); the training stages log their own.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
 
 
 def forward_stage_logs() -> None:

@@ -185,23 +185,22 @@ def pipeline(config: PipelineConfig = PipelineConfig(),  # noqa: B008 (the UI fo
             stages.update(train_flow(config, ctx, corpus, until))
         if not _reached("evaluate", until):
             stages.update(evaluate_flow(config, ctx, stages))
+        metrics = headline_metrics(stages)
+        tracker.log_metrics(parent_id, metrics)
+        tracker.set_tags(parent_id, {"forgeline.reused_stages": ",".join(
+            n for n, m in stages.items() if m.get("reused"))})
+        _log_run_artifacts(tracker, parent_id, stages)
+        result = {"mlflow_run_id": parent_id, "tracking_uri": uri, "workdir": str(work),
+                  "data_report": str(report["report"]), "metrics": metrics,
+                  "stages": {n: _stage_summary(m) for n, m in stages.items()}}
+        ui = ui_command(uri, work)
+        run_url = tracker.run_url(parent_id)
+        create_markdown_artifact(markdown=_summary_markdown(result, ui, run_url),
+                                 key="forgeline-summary", description="forgeline run summary")
+        if run_url:
+            create_link_artifact(link=run_url, link_text="MLflow run", key="forgeline-mlflow-run")
     except BaseException:
         tracker.finish(parent_id, ok=False)
         raise
-
-    metrics = headline_metrics(stages)
-    tracker.log_metrics(parent_id, metrics)
-    tracker.set_tags(parent_id, {"forgeline.reused_stages": ",".join(
-        n for n, m in stages.items() if m.get("reused"))})
-    _log_run_artifacts(tracker, parent_id, stages)
-    result = {"mlflow_run_id": parent_id, "tracking_uri": uri, "workdir": str(work),
-              "data_report": str(report["report"]), "metrics": metrics,
-              "stages": {n: _stage_summary(m) for n, m in stages.items()}}
-    ui = ui_command(uri, work)
-    run_url = tracker.run_url(parent_id)
-    create_markdown_artifact(markdown=_summary_markdown(result, ui, run_url),
-                             key="forgeline-summary", description="forgeline run summary")
-    if run_url:
-        create_link_artifact(link=run_url, link_text="MLflow run", key="forgeline-mlflow-run")
     tracker.finish(parent_id)
     return result

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tasks.shards import write_text_atomic
+from tasks.shards import atomic_path, write_text_atomic
 
 
 def _removed_reasons(stats: dict[str, Any]) -> dict[str, int]:
@@ -29,7 +29,8 @@ def funnel_plot(stages: dict[str, dict], path: Path) -> Path:
     ax.set_title("forgeline data funnel")
     ax.margins(x=0.15)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
 

@@ -10,6 +10,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from typing import Literal
 
@@ -20,6 +21,8 @@ from lightning.pytorch.callbacks import Callback
 from models.llama import Llama
 
 log = logging.getLogger(__name__)
+# Lightning 2.6 calls a torch API that torch 2.10+ deprecates, on every batch: not ours to fix.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 # The settings Lightning accepts, as types: a config with any other value fails when it is
 # loaded (and the Prefect UI offers these as choices) instead of when training starts.

@@ -166,7 +166,8 @@ def deduplicate(config: DedupConfig, input_dir: Path, out_dir: Path) -> dict:
         log.warning("dedup: both dedup.exact and dedup.near are off; copying all documents")
     started = time.perf_counter()
     deduplicator = Deduplicator(config)
-    stats = {"input_documents": 0, "kept": 0, "exact_duplicates": 0, "near_duplicates": 0}
+    stats = {"input_documents": 0, "kept": 0, "removed_exact_duplicate": 0,
+             "removed_near_duplicate": 0}
     with ShardWriter(out_dir / "data", config.shard_size) as kept, \
             ShardWriter(out_dir / "removed", config.shard_size) as removed:
         for record in progress(iter_records(input_dir), desc="dedup", unit="doc", total=total):
@@ -177,11 +178,12 @@ def deduplicate(config: DedupConfig, input_dir: Path, out_dir: Path) -> dict:
                 kept.add(record)
                 continue
             reason, duplicate_of, similarity = duplicate
-            stats["exact_duplicates" if reason == "exact_duplicate" else "near_duplicates"] += 1
+            stats[f"removed_{reason}"] += 1
             removed.add({**record, "reason": reason, "duplicate_of": duplicate_of,
                          "similarity": similarity})
     log.info("dedup: kept %d of %d documents in %.1fs; removed %d exact and %d near "
              "duplicates (threshold %.2f, %d-word shingles)", stats["kept"],
-             stats["input_documents"], time.perf_counter() - started, stats["exact_duplicates"],
-             stats["near_duplicates"], config.threshold, config.shingle_size)
+             stats["input_documents"], time.perf_counter() - started,
+             stats["removed_exact_duplicate"], stats["removed_near_duplicate"], config.threshold,
+             config.shingle_size)
     return {"count": stats["kept"], "stats": stats}

@@ -43,8 +43,8 @@ def test_exact_duplicates_differing_in_case_whitespace_and_punctuation(tmp_path)
     assert kept == ["a", "b"]
     assert removed["c"]["reason"] == "exact_duplicate"
     assert removed["c"]["duplicate_of"] == "a" and removed["c"]["similarity"] == 1.0
-    assert result["stats"] == {"input_documents": 3, "kept": 2, "exact_duplicates": 1,
-                               "near_duplicates": 0}
+    assert result["stats"] == {"input_documents": 3, "kept": 2, "removed_exact_duplicate": 1,
+                               "removed_near_duplicate": 0}
 
 
 def test_near_duplicate_points_at_the_first_copy(tmp_path):
@@ -58,7 +58,7 @@ def test_near_duplicate_points_at_the_first_copy(tmp_path):
         assert removed[doc_id]["duplicate_of"] == "first"
         assert 0.8 <= removed[doc_id]["similarity"] < 1.0
     assert removed["edited"]["source"] == "test" and removed["edited"]["url"] == "http://h/edited"
-    assert result["count"] == 2 and result["stats"]["near_duplicates"] == 2
+    assert result["count"] == 2 and result["stats"]["removed_near_duplicate"] == 2
 
 
 def test_distinct_documents_are_all_kept_with_their_ids(tmp_path):
@@ -90,7 +90,7 @@ def test_disabling_exact_leaves_copies_to_the_near_pass(tmp_path):
     base = random_text(1)
     result, kept, removed = run(tmp_path, {"a": base, "b": base.upper()}, exact=False)
     assert kept == ["a"] and removed["b"]["reason"] == "near_duplicate"
-    assert result["stats"]["exact_duplicates"] == 0
+    assert result["stats"]["removed_exact_duplicate"] == 0
 
 
 def test_disabling_near_keeps_edited_copies(tmp_path):
@@ -98,7 +98,7 @@ def test_disabling_near_keeps_edited_copies(tmp_path):
     result, kept, removed = run(tmp_path, {"a": base, "b": one_word_changed(base), "c": base},
                                 near=False)
     assert kept == ["a", "b"] and removed["c"]["reason"] == "exact_duplicate"
-    assert result["stats"]["near_duplicates"] == 0
+    assert result["stats"]["removed_near_duplicate"] == 0
 
 
 def test_disabling_both_keeps_everything(tmp_path):
