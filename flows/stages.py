@@ -28,7 +28,7 @@ import tasks.sources
 import tasks.tokenize
 from flows.config import PipelineConfig, flatten
 from flows.tracking import Tracker
-from tasks.stage import StageInputError, load_manifest, run_stage, stage_dir
+from tasks.stage import StageInputError, load_manifest, run_stage_in, stage_dir
 
 Manifest = dict[str, Any]
 
@@ -93,9 +93,8 @@ def run_tracked(ctx: RunContext, stage: str, section: BaseModel | None,
     run_id = tracker.start_stage(ctx.parent_run_id, stage, params)
     on_metrics = tracker.metrics_callback(run_id)
     try:
-        manifest = run_stage(stage, lambda out_dir: build(out_dir, on_metrics),
-                             workdir=ctx.workdir, config=section, inputs=inputs,
-                             code=code, extra_key=extra_key, log=logger.info)
+        manifest = run_stage_in(where, stage, lambda out_dir: build(out_dir, on_metrics),
+                                inputs=inputs, log=logger.info)
     except BaseException as exc:
         tracker.set_tags(run_id, {"error": str(exc)[:5000]})
         tracker.finish(run_id, ok=False)

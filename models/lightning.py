@@ -41,6 +41,7 @@ def check_strategy(strategy: str) -> str:
                          f"{', '.join(sorted(names))}")
     return strategy
 
+
 MetricsFn = Callable[[dict[str, float], int], None]
 
 

@@ -172,8 +172,9 @@ def split_pairs(pairs: list[tuple[str, Pair]], val_fraction: float,
     if len(pairs) < 2:
         raise StageInputError(STAGE, f"{len(pairs)} prompt/response pair(s) found; at least 2 "
                                      "are needed (one to train, one to validate)")
-    train = [(k, p) for k, p in pairs if k not in held_out and not is_validation(k, val_fraction)]
-    val = [(k, p) for k, p in pairs if k in held_out or is_validation(k, val_fraction)]
+    train, val = [], []
+    for key, pair in pairs:
+        (val if key in held_out or is_validation(key, val_fraction) else train).append((key, pair))
     if not val:
         val.append(train.pop())
     if not train:

@@ -136,8 +136,16 @@ def run_stage(
     absolute paths.
     """
     inputs = list(inputs)
-    final_dir = stage_dir(name, workdir=workdir, config=config, inputs=inputs, code=code,
-                          extra_key=extra_key)
+    return run_stage_in(stage_dir(name, workdir=workdir, config=config, inputs=inputs,
+                                  code=code, extra_key=extra_key),
+                        name, build, inputs=inputs, log=log)
+
+
+def run_stage_in(final_dir: Path, name: str, build: Callable[[Path], dict[str, Any]], *,
+                 inputs: Iterable[dict] = (), log: Callable[[str], None] = print
+                 ) -> dict[str, Any]:
+    """``run_stage`` once the stage's keyed directory (from ``stage_dir``) is known."""
+    inputs = list(inputs)
     key = final_dir.name.removeprefix(f"{name}-")
     stages_dir = final_dir.parent
 
