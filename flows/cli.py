@@ -2,6 +2,9 @@
 
 Exit codes: 0 success; 2 invalid configuration or input (the reason on standard error);
 1 any other failure.
+
+Nothing printed here shows credentials of a URL (a tracking URI or a seed with
+``user:password@``): they are masked as ``***``.
 """
 
 from __future__ import annotations
@@ -11,7 +14,10 @@ import json
 import os
 import sys
 import time
+import traceback
 from typing import Any
+
+from tasks.redact import install_log_redaction, redact_secrets
 
 EPILOG = """\
 configuration:
@@ -74,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"forgeline: error: {message}", file=sys.stderr)
+    print(f"forgeline: error: {redact_secrets(message)}", file=sys.stderr)
     return code
 
 
@@ -82,7 +88,7 @@ def print_summary(result: dict[str, Any], seconds: float, stream=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from flows.tracking import ui_command
+    from flows.tracking import display_uri, ui_command
 
     console = Console(file=stream or sys.stdout, width=110)
     table = Table(title="forgeline run summary", title_justify="left")
@@ -112,7 +118,7 @@ def print_summary(result: dict[str, Any], seconds: float, stream=None) -> None:
             console.print(f"{label:>32}: " + (f"{value:,.0f}" if key == "tokens" else f"{value:.4f}"))
     console.print(f"{'data report':>32}: {result['data_report']}")
     console.print(f"{'MLflow run':>32}: {result['mlflow_run_id']}")
-    console.print(f"{'MLflow store':>32}: {result['tracking_uri']}")
+    console.print(f"{'MLflow store':>32}: {display_uri(result['tracking_uri'])}")
     console.print(f"{'open the MLflow UI':>32}: {ui_command(result['tracking_uri'], '')}",
                   soft_wrap=True)
     console.print(f"{'total time':>32}: {seconds:.1f}s")
@@ -157,6 +163,7 @@ def cmd_run(args) -> int:
     from flows.pipeline import pipeline
     from tasks.stage import StageInputError
 
+    install_log_redaction()  # logs of Prefect, MLflow and the stages show no credentials
     started = time.perf_counter()
     try:
         result = pipeline(config=config, workdir=args.workdir, until=args.until)
@@ -165,9 +172,10 @@ def cmd_run(args) -> int:
         return _fail(str(exc), 2)
     except KeyboardInterrupt:
         return _fail("interrupted; finished stages are kept and will be reused", 130)
-    except Exception:
+    except Exception as exc:  # noqa: BLE001 - shown as Python would (exit code 1), masked
         _stop_temporary_prefect_server()  # so that the traceback comes last
-        raise
+        sys.stderr.write(redact_secrets("".join(traceback.format_exception(exc))))
+        return 1
     _stop_temporary_prefect_server()
     print_summary(result, time.perf_counter() - started,
                   stream=sys.stderr if args.json else sys.stdout)
@@ -176,7 +184,7 @@ def cmd_run(args) -> int:
                    "stages": {n: {k: v for k, v in s.items() if k != "stats"}
                               for n, s in result["stages"].items()}}
         sys.stdout.flush()
-        print(json.dumps(summary))
+        print(json.dumps(redact_secrets(summary)))
     return 0
 
 

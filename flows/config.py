@@ -2,6 +2,12 @@
 
 Every field carries a description; the same text shows in ``forgeline config``, in
 ``forgeline run --help``, in the Prefect UI form and in ``configs/default.yaml``.
+
+Importing this module loads no torch, Lightning, spaCy, MLflow or Prefect: the stage
+modules keep those inside the functions that use them, so ``forgeline config`` and the
+answer to a bad ``--set`` come at once. What leaves this module for people to read
+(``flatten`` for MLflow params, ``config_yaml``, error messages) has credentials in URLs
+masked (``https://***@host/``).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from tasks.filter import FilterConfig
 from tasks.finetune import FinetuneConfig
 from tasks.pii import PiiConfig
 from tasks.pretrain import PretrainConfig
+from tasks.redact import redact_secrets
 from tasks.sources import SourceConfig
 from tasks.tokenize import TokenizeConfig
 
@@ -29,6 +36,37 @@ STAGES = ("crawl", "extract", "filter", "dedup", "pii",
 DATA_STAGES = STAGES[:5]
 StageName = Literal["crawl", "extract", "filter", "dedup", "pii",
                     "tokenize", "pretrain", "finetune", "evaluate"]
+
+
+class ExecutionConfig(BaseModel):
+    """Where the data stages run: every shard is a Prefect task run on this engine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    engine: Literal["local", "dask"] = Field(
+        "local", description="local: a pool of worker processes on this machine. dask: "
+                             "prefect-dask's DaskTaskRunner, on a Dask LocalCluster it starts "
+                             "(workers and threads below) or on the running Dask scheduler at "
+                             "dask_address, so the same flow spreads over many machines. The "
+                             "output is the same, byte for byte, whatever the engine.")
+    workers: int = Field(
+        0, ge=0, description="Worker processes (local, or a started Dask LocalCluster); 0 "
+                             "means one per CPU core. Ignored with dask_address.")
+    threads_per_worker: int = Field(
+        1, ge=1, description="Threads in each Dask LocalCluster worker. The data stages are "
+                             "CPU-bound Python, so more processes beat more threads.")
+    dask_address: str = Field(
+        "", description="Address of a running Dask scheduler (tcp://host:8786) to send the "
+                        "shard tasks to; empty starts a local cluster. Its workers need "
+                        "forgeline installed, the work directory on a shared path, and "
+                        "PREFECT_API_URL pointing at your Prefect server.")
+
+    @model_validator(mode="after")
+    def _address_needs_dask(self) -> ExecutionConfig:
+        if self.dask_address and self.engine != "dask":
+            raise ValueError("execution.dask_address is set but execution.engine is "
+                             f"{self.engine!r}; set execution.engine=dask to use the cluster")
+        return self
 
 
 class ConfigError(ValueError):
@@ -43,6 +81,9 @@ class PipelineConfig(BaseModel):
     experiment: str = Field(
         "forgeline", min_length=1,
         description="MLflow experiment that records this pipeline's runs.")
+    execution: ExecutionConfig = Field(
+        default_factory=ExecutionConfig,
+        description="Where the data stages' shard tasks run: local processes or Dask.")
     source: SourceConfig = Field(
         default_factory=SourceConfig,
         description="Local documents to use instead of crawling.")
@@ -97,7 +138,8 @@ def parse_override(item: str) -> tuple[str, Any]:
     try:
         return key, yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({exc})") from None
+        raise ConfigError(redact_secrets(f"--set {key}: value {raw!r} is not valid YAML "
+                                         f"({exc})")) from None
 
 
 def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -124,7 +166,7 @@ def describe_validation_error(exc: ValidationError, origin: str = "configuration
             if "input" in error and not isinstance(error["input"], (dict, BaseModel)):
                 message += f" (got {error['input']!r})"
         lines.append(f"  {name}: {message}")
-    return "\n".join(lines)
+    return redact_secrets("\n".join(lines))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> PipelineConfig:
@@ -151,15 +193,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Pi
         raise ConfigError(describe_validation_error(exc, origin)) from None
 
 
-def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
-    """``{"crawl": {"max_pages": 5}}`` -> ``{"crawl.max_pages": 5}`` (MLflow params)."""
+def flatten(data: dict, prefix: str = "", redacted: bool = True) -> dict[str, Any]:
+    """``{"crawl": {"max_pages": 5}}`` -> ``{"crawl.max_pages": 5}`` (MLflow params).
+
+    With ``redacted`` (the default) credentials in URLs are masked in the values
+    (``https://***@example.org/``): params are for people to read."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{name}."))
+            flat.update(flatten(value, f"{name}.", redacted))
         else:
-            flat[name] = value
+            flat[name] = redact_secrets(value) if redacted else value
     return flat
 
 
@@ -173,8 +218,9 @@ def _wrap(text: str, indent: str) -> list[str]:
     return [f"{indent}# {line}" for line in textwrap.wrap(" ".join(text.split()), 88 - len(indent))]
 
 
-def config_yaml(config: BaseModel, indent: str = "") -> str:
-    """The config as YAML with every field's description as a comment above it."""
+def config_yaml(config: BaseModel, indent: str = "", redacted: bool = True) -> str:
+    """The config as YAML with every field's description as a comment above it; with
+    ``redacted`` (the default) credentials in URLs are masked (``https://***@host/``)."""
     lines: list[str] = []
     for name, field in type(config).model_fields.items():
         value = getattr(config, name)
@@ -182,9 +228,10 @@ def config_yaml(config: BaseModel, indent: str = "") -> str:
             lines.extend(_wrap(field.description, indent))
         if isinstance(value, BaseModel):
             lines.append(f"{indent}{name}:")
-            lines.append(config_yaml(value, indent + "  "))
+            lines.append(config_yaml(value, indent + "  ", redacted))
             if not indent:
                 lines.append("")
         else:
-            lines.append(f"{indent}{name}: {_yaml_value(value)}")
+            lines.append(f"{indent}{name}: "
+                         f"{_yaml_value(redact_secrets(value) if redacted else value)}")
     return "\n".join(lines).rstrip() + ("\n" if not indent else "")

@@ -17,6 +17,7 @@ from prefect.runtime import flow_run
 
 from flows import forward_stage_logs
 from flows.config import DATA_STAGES, STAGES, PipelineConfig, StageName, config_yaml, flatten
+from flows.engine import api_url_for_workers, describe, task_runner
 from flows.report import data_report
 from flows.stages import (
     DATA_STAGE_TASKS,
@@ -28,7 +29,7 @@ from flows.stages import (
     pretrain_stage,
     tokenize_stage,
 )
-from flows.tracking import FLOW_RUN_TAG, Tracker, tracking_uri, ui_command
+from flows.tracking import FLOW_RUN_TAG, Tracker, display_uri, tracking_uri, ui_command
 from tasks.shards import write_text_atomic
 
 
@@ -40,8 +41,12 @@ def _reached(stage: str, until: str | None) -> bool:
 @flow(name="forgeline-data")
 def data_flow(config: PipelineConfig, ctx: RunContext,
               until: StageName | None = None) -> dict[str, Manifest]:
-    """crawl -> extract -> filter -> dedup -> pii; a disabled stage passes its input on."""
+    """crawl -> extract -> filter -> dedup -> pii; a disabled stage passes its input on.
+
+    Each shard of extract, filter, dedup and pii is a task run on this flow's task runner
+    (``execution`` in the config picks it)."""
     forward_stage_logs()
+    get_run_logger().info("data stages run on %s", describe(config.execution))
     manifests: dict[str, Manifest] = {"crawl": crawl_stage(config, ctx)}
     current = manifests["crawl"]
     for name in DATA_STAGES[1:]:
@@ -167,7 +172,7 @@ def pipeline(config: PipelineConfig = PipelineConfig(),  # noqa: B008 (the UI fo
         params=flatten(config.model_dump(mode="json")),
         tags={FLOW_RUN_TAG: flow_run_id, "prefect.flow_run_name": flow_run.get_name() or "",
               "forgeline.until": until or "evaluate", "forgeline.workdir": str(work)})
-    logger.info("MLflow run %s in %s", parent_id, uri)
+    logger.info("MLflow run %s in %s", parent_id, display_uri(uri))
     reports = work / "reports" / parent_id
     write_text_atomic(reports / "config.yaml", config_yaml(config))
     tracker.log_artifact(parent_id, reports / "config.yaml")
@@ -176,7 +181,9 @@ def pipeline(config: PipelineConfig = PipelineConfig(),  # noqa: B008 (the UI fo
 
     stages: dict[str, Manifest] = {}
     try:
-        stages.update(data_flow(config, ctx, until))
+        with api_url_for_workers():
+            stages.update(data_flow.with_options(task_runner=task_runner(config.execution))(
+                config, ctx, until))
         report = data_report(stages, reports)
         for path in report.values():
             tracker.log_artifact(parent_id, path, artifact_path="data_report")
@@ -190,7 +197,7 @@ def pipeline(config: PipelineConfig = PipelineConfig(),  # noqa: B008 (the UI fo
         tracker.set_tags(parent_id, {"forgeline.reused_stages": ",".join(
             n for n, m in stages.items() if m.get("reused"))})
         _log_run_artifacts(tracker, parent_id, stages)
-        result = {"mlflow_run_id": parent_id, "tracking_uri": uri, "workdir": str(work),
+        result = {"mlflow_run_id": parent_id, "tracking_uri": display_uri(uri), "workdir": str(work),
                   "data_report": str(report["report"]), "metrics": metrics,
                   "stages": {n: _stage_summary(m) for n, m in stages.items()}}
         ui = ui_command(uri, work)

@@ -59,6 +59,21 @@ def data_report(stages: dict[str, dict], out_dir: Path) -> dict[str, Path]:
             lines += ["", f"## {name}: removed documents by reason", "",
                       "| reason | documents |", "|---|---:|"]
             lines += [f"| {r} | {n} |" for r, n in sorted(reasons.items(), key=lambda x: -x[1])]
+        errors = {k.removeprefix("errors_"): v for k, v in manifest.get("stats", {}).items()
+                  if k.startswith("errors_") and v}
+        if errors:
+            lines += ["", f"{name}: {sum(errors.values())} documents raised an error and were "
+                          f"removed as `{name}_error` (by error class: "
+                          + ", ".join(f"{k} {v}" for k, v in sorted(errors.items())) + ")."]
+    dedup = stages.get("dedup", {}).get("stats", {})
+    if "duplicate_clusters" in dedup:
+        lines += ["", "## dedup: clusters", "",
+                  (f"{dedup['duplicate_clusters']} clusters of duplicates (largest: "
+                  f"{dedup['largest_cluster']} documents), each keeping its first document. "
+                  f"LSH with {dedup['lsh_bands']} bands x {dedup['lsh_rows']} rows gave "
+                  f"{dedup['candidate_pairs']} candidate pairs, {dedup['confirmed_pairs']} "
+                  f"confirmed by estimated Jaccard similarity; {dedup['exact_pairs']} exact "
+                   "pairs.")]
     pii = stages.get("pii", {})
     if pii and not pii.get("skipped"):
         found = {k.removeprefix("pii_"): v for k, v in pii.get("stats", {}).items()

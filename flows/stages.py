@@ -11,7 +11,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE as NO_CACHE
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 
 import models
 import tasks.crawl
@@ -21,14 +21,17 @@ import tasks.evaluate
 import tasks.extract
 import tasks.filter
 import tasks.finetune
+import tasks.minhash
 import tasks.pii
 import tasks.pretrain
+import tasks.shard_runner
 import tasks.shards
 import tasks.sources
 import tasks.tokenize
 from flows.config import PipelineConfig, flatten
+from flows.engine import _retry_unless_input_error, prefect_mapper
 from flows.tracking import Tracker
-from tasks.stage import StageInputError, load_manifest, run_stage_in, stage_dir
+from tasks.stage import load_manifest, run_stage_in, stage_dir
 
 Manifest = dict[str, Any]
 
@@ -37,14 +40,9 @@ class RunContext(BaseModel):
     """Where a pipeline run writes and records (passed to every subflow and task)."""
 
     workdir: str
-    tracking_uri: str
+    tracking_uri: SecretStr  # may hold a password: Prefect stores and shows it masked
     experiment: str
     parent_run_id: str
-
-
-def _retry_unless_input_error(task, task_run, state) -> bool:
-    """Bad input will be just as bad next time: retry only other failures."""
-    return not isinstance(getattr(state, "data", None), StageInputError)
 
 
 RETRIES = {"retry_condition_fn": _retry_unless_input_error, "cache_policy": NO_CACHE}
@@ -53,7 +51,7 @@ RETRIES = {"retry_condition_fn": _retry_unless_input_error, "cache_policy": NO_C
 # A new release of one of these can change a stage's output, so its version is in the key.
 STAGE_LIBRARIES = {
     "crawl": ("httpx", "lxml"), "extract": ("trafilatura", "lxml"), "filter": (),
-    "dedup": ("datasketch",), "pii": ("presidio-analyzer", "presidio-anonymizer", "spacy"),
+    "dedup": ("datasketch", "pyarrow", "pandas"), "pii": ("presidio-analyzer", "presidio-anonymizer", "spacy"),
     "tokenize": ("sentencepiece",), "pretrain": ("torch", "lightning"),
     "finetune": ("torch", "lightning", "sentencepiece"), "evaluate": ("torch", "sentencepiece"),
 }
@@ -71,15 +69,17 @@ def library_versions(names: tuple[str, ...]) -> dict[str, str | None]:
 
 def run_tracked(ctx: RunContext, stage: str, section: BaseModel | None,
                 build: Callable[[Path, Callable | None], dict], *, inputs: list[Manifest] = (),
-                code: list = (), extra_key: dict | None = None) -> Manifest:
+                code: list = (), extra_key: dict | None = None,
+                resumable: bool = False) -> Manifest:
     """Run one stage (or reuse its finished output) inside a nested MLflow run.
 
     The output is keyed by the stage's settings, its inputs, ``code`` (plus the shard
-    writer), ``extra_key`` and the versions of the libraries that compute it."""
+    writer), ``extra_key`` and the versions of the libraries that compute it. A
+    ``resumable`` stage keeps its finished shards when it fails or is killed."""
     logger = get_run_logger()
-    code = [*code, tasks.shards]
+    code = [*code, tasks.shards, tasks.shard_runner]
     extra_key = {**(extra_key or {}), "libraries": library_versions(STAGE_LIBRARIES[stage])}
-    tracker = Tracker(ctx.tracking_uri, ctx.experiment)
+    tracker = Tracker(ctx.tracking_uri.get_secret_value(), ctx.experiment)
     where = stage_dir(stage, workdir=ctx.workdir, config=section, inputs=inputs, code=code,
                       extra_key=extra_key)
     finished = load_manifest(where)
@@ -94,7 +94,7 @@ def run_tracked(ctx: RunContext, stage: str, section: BaseModel | None,
     on_metrics = tracker.metrics_callback(run_id)
     try:
         manifest = run_stage_in(where, stage, lambda out_dir: build(out_dir, on_metrics),
-                                inputs=inputs, log=logger.info)
+                                inputs=inputs, log=logger.info, resumable=resumable)
     except BaseException as exc:
         tracker.set_tags(run_id, {"error": str(exc)[:5000]})
         tracker.finish(run_id, ok=False)
@@ -146,23 +146,26 @@ def crawl_stage(config: PipelineConfig, ctx: RunContext) -> Manifest:
                        code=code, extra_key=extra)
 
 
-def _data_stage(name: str, core: Callable, module,
+def _data_stage(name: str, core: Callable, modules: list,
                 extra_key: Callable[[BaseModel], dict] | None = None) -> Callable:
-    @task(name=name, retries=1, retry_delay_seconds=5, **RETRIES)
+    """A data stage in the data flow: its shards (and dedup's bands) are task runs on the
+    flow's task runner, and finished shards are kept across kills and retries."""
     def stage(section: BaseModel, upstream: Manifest, ctx: RunContext) -> Manifest:
-        return run_tracked(ctx, name, section,
-                           lambda out, _: core(section, Path(upstream["output"]), out),
-                           inputs=[upstream], code=[module],
-                           extra_key=extra_key(section) if extra_key else None)
+        return run_tracked(
+            ctx, name, section,
+            lambda out, _: core(section, Path(upstream["output"]), out, mapper=prefect_mapper),
+            inputs=[upstream], code=modules, resumable=True,
+            extra_key=extra_key(section) if extra_key else None)
+    stage.__name__ = f"{name}_stage"
     stage.__doc__ = core.__doc__
     return stage
 
 
-extract_stage = _data_stage("extract", tasks.extract.extract_text, tasks.extract)
-filter_stage = _data_stage("filter", tasks.filter.filter_documents, tasks.filter)
-dedup_stage = _data_stage("dedup", tasks.dedup.deduplicate, tasks.dedup)
+extract_stage = _data_stage("extract", tasks.extract.extract_text, [tasks.extract])
+filter_stage = _data_stage("filter", tasks.filter.filter_documents, [tasks.filter])
+dedup_stage = _data_stage("dedup", tasks.dedup.deduplicate, [tasks.dedup, tasks.minhash])
 # Installing a spaCy NER model changes what the pii stage finds, so it is part of the key.
-pii_stage = _data_stage("pii", tasks.pii.scrub_pii, tasks.pii, lambda section: {
+pii_stage = _data_stage("pii", tasks.pii.scrub_pii, [tasks.pii], lambda section: {
     "ner_model": section.spacy_model if tasks.pii.model_installed(section.spacy_model) else None})
 
 MODEL_CODE = [Path(models.__file__).parent]

@@ -3,10 +3,16 @@
 MLflow's active run is thread-local and Prefect may run tasks in worker threads, so
 everything here logs to an explicit run id through ``MlflowClient``; nothing relies on
 ``mlflow.active_run()``.
+
+A tracking URI may hold credentials (``http://user:secret@host:5000``,
+``postgresql://user:secret@db/mlflow``): ``tracking_uri`` returns it as it is, to connect
+with, and everything meant for people goes through ``display_uri``. Params and tags are
+masked the same way before they are logged.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shlex
@@ -19,22 +25,39 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from tasks.redact import install_log_redaction, redact_exception, redact_secrets, redact_url
+
 FLOW_RUN_TAG = "prefect.flow_run_id"
 MAX_BATCH = 100  # MLflow's log_batch takes at most 100 params / 1000 metrics per call
 
 
 def tracking_uri(workdir: str | os.PathLike) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else an embedded SQLite store in the work directory."""
+    """``MLFLOW_TRACKING_URI`` if set, else an embedded SQLite store in the work directory.
+
+    The URI as given, credentials included: to connect with, never to show (``display_uri``)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
     return f"sqlite:///{(Path(workdir) / 'mlflow.db').resolve()}"
 
 
+def display_uri(uri: str) -> str:
+    """The tracking URI to show people: any user and password masked
+    (``http://user:secret@host:5000`` -> ``http://***@host:5000``)."""
+    return redact_url(uri)
+
+
 def ui_command(uri: str, workdir: str | os.PathLike) -> str:
-    """How a person opens the MLflow UI for this store."""
+    """How a person opens the MLflow UI for this store; it never holds credentials (a
+    browser asks for them; a store URI with a password is referred to through the
+    environment variable it came from)."""
     if uri.startswith(("http://", "https://")):
-        return f"open {uri}"
+        return f"open {redact_url(uri, mask='')}"
+    shown, given = display_uri(uri), os.environ.get("MLFLOW_TRACKING_URI") or ""
+    if given and display_uri(given) != given and display_uri(given) == shown:
+        store = '"$MLFLOW_TRACKING_URI"'  # the store holds a password: use it from there
+    else:
+        store = shlex.quote(shown)
     mlflow = Path(sys.executable).parent / "mlflow"
     if mlflow.exists():
         try:
@@ -43,7 +66,7 @@ def ui_command(uri: str, workdir: str | os.PathLike) -> str:
             pass
     else:
         mlflow = Path("mlflow")
-    return f"{shlex.quote(str(mlflow))} ui --backend-store-uri {shlex.quote(uri)} --port 5000"
+    return f"{shlex.quote(str(mlflow))} ui --backend-store-uri {store} --port 5000"
 
 
 def _numeric(stats: dict[str, Any]) -> dict[str, float]:
@@ -58,15 +81,47 @@ def _numeric(stats: dict[str, Any]) -> dict[str, float]:
 
 def _param_value(value: Any) -> str:
     text = value if isinstance(value, str) else repr(value)
-    return text[:6000]
+    return redact_secrets(text)[:6000]
+
+
+def _tags(tags: dict[str, Any]) -> dict[str, str]:
+    return {k: redact_secrets(str(v)) for k, v in tags.items()}
+
+
+class _MaskedErrors:
+    """An ``MlflowClient`` whose errors show no credentials: MLflow quotes the tracking URI,
+    password included, when it cannot reach the server."""
+
+    def __init__(self, client: MlflowClient):
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args, **kwargs):
+            try:
+                return attr(*args, **kwargs)
+            except Exception as exc:  # re-raised as it is, only masked
+                redact_exception(exc)
+                raise
+
+        return call
 
 
 class Tracker:
     """Logs a pipeline run to MLflow through explicit run ids."""
 
     def __init__(self, uri: str, experiment: str, artifact_root: str | os.PathLike | None = None):
+        install_log_redaction()  # a library's message quoting the URI shows it masked
+        if display_uri(uri) != uri:
+            # MLflow prints "View run ... at: <uri>/#/..." on standard output as each run
+            # ends, credentials included; the summary shows the run's link without them.
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = _MaskedErrors(MlflowClient(tracking_uri=uri))
         found = self.client.get_experiment_by_name(experiment)
         if found is not None:
             self.experiment_id = found.experiment_id
@@ -92,7 +147,7 @@ class Tracker:
                 self.client.update_run(run_id, status="RUNNING")
                 return run_id
         run = self.client.create_run(self.experiment_id, run_name=name,
-                                     tags={**tags, "forgeline.kind": "pipeline"})
+                                     tags=_tags({**tags, "forgeline.kind": "pipeline"}))
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
@@ -100,8 +155,8 @@ class Tracker:
                     tags: dict[str, str] | None = None) -> str:
         run = self.client.create_run(
             self.experiment_id, run_name=stage,
-            tags={"mlflow.parentRunId": parent_id, "forgeline.kind": "stage",
-                  "forgeline.stage": stage, **(tags or {})})
+            tags=_tags({"mlflow.parentRunId": parent_id, "forgeline.kind": "stage",
+                        "forgeline.stage": stage, **(tags or {})}))
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
@@ -132,7 +187,7 @@ class Tracker:
             self.client.log_batch(run_id, metrics=items[i:i + 1000])
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in _tags(tags).items()])
 
     def log_artifact(self, run_id: str, path: str | os.PathLike,
                      artifact_path: str | None = None) -> None:
@@ -149,6 +204,8 @@ class Tracker:
         return on_metrics
 
     def run_url(self, run_id: str) -> str | None:
+        """The run's page in the MLflow UI (without any credentials of the URI)."""
         if self.uri.startswith(("http://", "https://")):
-            return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+            base = redact_url(self.uri, mask="").rstrip("/")
+            return f"{base}/#/experiments/{self.experiment_id}/runs/{run_id}"
         return None

@@ -12,35 +12,24 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from typing import Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from models.config import Accelerator, Precision, check_strategy  # noqa: F401 (re-exported)
 from models.llama import Llama
 
 log = logging.getLogger(__name__)
-# Lightning 2.6 calls a torch API that torch 2.10+ deprecates, on every batch: not ours to fix.
-warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-
-# The settings Lightning accepts, as types: a config with any other value fails when it is
-# loaded (and the Prefect UI offers these as choices) instead of when training starts.
-Precision = Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true",
-                    "64-true", "transformer-engine", "transformer-engine-float16"]
-Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"]
 
 
-def check_strategy(strategy: str) -> str:
-    """A Lightning strategy name ('auto', 'ddp', 'fsdp', ...), or a ValueError listing them."""
-    from lightning.pytorch.strategies import StrategyRegistry
+def _ignore_known_warnings() -> None:
+    # Lightning 2.6 calls a torch API that torch 2.10+ deprecates, on every batch: not ours
+    # to fix. Set again by make_trainer, in case the filters were reset since this import.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
-    names = StrategyRegistry.available_strategies()
-    if strategy != "auto" and strategy not in names:
-        raise ValueError(f"unknown Lightning strategy {strategy!r}; use 'auto' or one of "
-                         f"{', '.join(sorted(names))}")
-    return strategy
 
+_ignore_known_warnings()
 
 MetricsFn = Callable[[dict[str, float], int], None]
 
@@ -196,6 +185,7 @@ def make_trainer(*, max_steps: int, grad_accum: int, grad_clip: float, val_every
                  callbacks: list[Callback], root_dir: str | os.PathLike) -> L.Trainer:
     """A Trainer counted in optimizer steps, without its own logger or checkpoints: the
     caller tracks metrics (through the callback) and saves the model itself."""
+    _ignore_known_warnings()
     return L.Trainer(
         max_steps=max_steps, max_epochs=-1, accumulate_grad_batches=grad_accum,
         gradient_clip_val=grad_clip if grad_clip > 0 else None,

@@ -10,71 +10,14 @@ everywhere, with the projections that write into the residual stream scaled down
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from models.config import ModelConfig, default_mlp_hidden  # noqa: F401 (re-exported)
+
 IGNORE_INDEX = -100
-
-
-def default_mlp_hidden(d_model: int) -> int:
-    """SwiGLU hidden size: 8/3 * d_model (same parameters as a 4x GELU MLP), rounded up to 32."""
-    return 32 * math.ceil(8 * d_model / 3 / 32)
-
-
-@dataclass
-class ModelConfig:
-    vocab_size: int
-    context_length: int = 256
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int | None = None  # None: as many as n_heads (plain multi-head attention)
-    mlp_hidden: int | None = None  # None: default_mlp_hidden(d_model)
-    rope_theta: float = 10000.0
-    dropout: float = 0.0
-    tie_embeddings: bool = True
-    norm_eps: float = 1e-5
-
-    def __post_init__(self) -> None:
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
-        if self.mlp_hidden is None:
-            self.mlp_hidden = default_mlp_hidden(self.d_model)
-        self.validate()
-
-    def validate(self) -> None:
-        positive = ("vocab_size", "context_length", "d_model", "n_layers", "n_heads",
-                    "n_kv_heads", "mlp_hidden")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"model {name} must be at least 1, got {getattr(self, name)}")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads "
-                             f"({self.n_heads}); e.g. d_model={self.n_heads * 32}")
-        if self.head_dim % 2:
-            raise ValueError(f"the head size d_model/n_heads = {self.head_dim} must be even for "
-                             "rotary embeddings; change d_model or n_heads")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
-                             f"({self.n_kv_heads}): each key/value head serves a group of "
-                             "query heads")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 class RMSNorm(nn.Module):

@@ -29,18 +29,21 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 from urllib.robotparser import RobotFileParser
 
-import httpx
 import lxml.html
 from lxml import etree
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tasks.progress import progress
+from tasks.redact import redact_secrets, redact_url
 from tasks.shards import ShardWriter
 from tasks.stage import StageInputError
+
+if TYPE_CHECKING:  # httpx is imported where requests are made: loading a config needs none
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +124,10 @@ class CrawlConfig(BaseModel):
     def _http_seeds(cls, seeds: list[str]) -> list[str]:
         for seed in seeds:
             if canonical_url(seed) is None:
-                raise ValueError(f"seed {seed!r} is not an http(s) URL with a host")
-        return seeds
+                raise ValueError(f"seed {redact_url(seed)!r} is not an http(s) URL with a host")
+        # The crawler never sends a seed's user:password (canonical_url drops it), so it is
+        # masked here, before the config reaches logs, MLflow params or Prefect parameters.
+        return [redact_url(seed) for seed in seeds]
 
     @field_validator("include", "exclude")
     @classmethod
@@ -257,7 +262,7 @@ class Crawler:
                  failures: TextIO, stored_url: Callable[[str], str] = str):
         self.config, self.seeds, self.writer, self.failures_file = \
             config, seeds, writer, failures
-        self.stored_url = stored_url
+        self.stored_url = lambda url: redact_url(stored_url(url))
         self.agent = config.user_agent.split("/")[0].strip().lower()
         self.include = [re.compile(p) for p in config.include]
         self.exclude = [re.compile(p) for p in config.exclude]
@@ -270,6 +275,8 @@ class Crawler:
         self.bar = progress(total=config.max_pages, desc="crawl", unit="page")
 
     async def run(self) -> None:
+        import httpx
+
         self.queue: asyncio.Queue = asyncio.Queue()
         self.done = asyncio.Event()
         # Taken before a fetch and given back unless a page was kept: pages in flight never
@@ -319,8 +326,9 @@ class Crawler:
             categorical = skip.stat in ("pages_failed", "robots_disallowed")
             self.failures[skip.reason if categorical else skip.stat] += 1
             self.failures_file.write(json.dumps(
-                {"url": url, "counted_as": skip.stat, "reason": skip.reason}) + "\n")
-            log.debug("crawl: %s not kept: %s", url, skip.reason)
+                {"url": redact_url(url), "counted_as": skip.stat,
+                 "reason": redact_secrets(skip.reason)}) + "\n")
+            log.debug("crawl: %s not kept: %s", redact_url(url), redact_secrets(skip.reason))
             return False
         content_type = response.headers.get("content-type", "")
         text = decode_body(response.body, content_type)
@@ -423,7 +431,7 @@ class Crawler:
                 rules = RobotFileParser(url)
                 rules.parse(decode_body(response.body, "").splitlines())
                 host.delay = max(host.delay, float(rules.crawl_delay(self.agent) or 0))
-        log.info("crawl: robots.txt of %s: %s", origin,
+        log.info("crawl: robots.txt of %s: %s", redact_url(origin),
                  refusal or ("rules loaded" if rules else "none, all allowed"))
         return rules, refusal
 
@@ -431,6 +439,8 @@ class Crawler:
         """GET with retries on network errors, timeouts, 429 and 5xx. The wait before a
         retry holds back the whole host, so a struggling server gets a rest from every
         worker, and a Retry-After is obeyed by all of them."""
+        import httpx
+
         for attempt in range(self.config.retries + 1):
             response, retry_after = None, None
             try:
@@ -451,7 +461,7 @@ class Crawler:
             if attempt < self.config.retries:
                 self.stats["retries"] += 1
                 wait = self._retry_wait(attempt, retry_after)
-                log.debug("crawl: %s: %s, retrying in %.2fs", url, reason, wait)
+                log.debug("crawl: %s: %s, retrying in %.2fs", redact_url(url), reason, wait)
                 host.next_start = max(host.next_start, time.monotonic() + wait)
         if response is None:
             raise Skipped("pages_failed", reason)
@@ -518,6 +528,7 @@ def crawl(config: CrawlConfig, out_dir: Path, seeds: list[str] | None = None,
     URLs that gave no page and why. With ``record_origin``, pages of the first seed's
     origin are recorded (url and id) as if served from that origin."""
     seeds = list(config.seeds if seeds is None else seeds)
+    shown = [redact_url(s) for s in seeds]  # what logs and errors say: no user:password
     if not seeds:
         from tasks.docserver import serve_python_docs
 
@@ -527,11 +538,11 @@ def crawl(config: CrawlConfig, out_dir: Path, seeds: list[str] | None = None,
             return crawl(config, out_dir, [url], record_origin=DOCS_ORIGIN)
     canonical = [canonical_url(s) for s in seeds]
     if None in canonical:
-        bad = seeds[canonical.index(None)]
+        bad = shown[canonical.index(None)]
         raise StageInputError("crawl", f"seed {bad!r} is not an http(s) URL; give full URLs "
                                        "such as https://example.org/")
     out_dir = Path(out_dir)
-    log.info("crawl: %d seed(s) %s, up to %d pages at depth <= %d", len(seeds), seeds,
+    log.info("crawl: %d seed(s) %s, up to %d pages at depth <= %d", len(seeds), shown,
              config.max_pages, config.max_depth)
     started = time.perf_counter()
     with ShardWriter(out_dir / "data", config.shard_size) as writer, \
@@ -547,13 +558,14 @@ def crawl(config: CrawlConfig, out_dir: Path, seeds: list[str] | None = None,
     seconds = time.perf_counter() - started
     stats = {**crawler.stats, "seconds": round(seconds, 3),
              "pages_per_second": round(crawler.kept / seconds, 3) if seconds else 0.0}
-    summary = ", ".join(f"{reason}: {n}" for reason, n in crawler.failures.most_common(8))
+    summary = redact_secrets(", ".join(f"{reason}: {n}"
+                                       for reason, n in crawler.failures.most_common(8)))
     log.info("crawl: kept %d pages in %.1fs (%.1f pages/s, %d requests, %d retries); "
              "not kept: %s", crawler.kept, seconds, stats["pages_per_second"],
              stats["requests"], stats["retries"], summary or "none")
     if crawler.kept == 0:
         raise StageInputError(
-            "crawl", f"no pages could be fetched from {seeds}: {summary or 'no links found'}; "
+            "crawl", f"no pages could be fetched from {shown}: {summary or 'no links found'}; "
                      "check the seeds are reachable and serve text/html or text/plain, that "
                      f"robots.txt allows user agent {crawler.agent!r}, and the include/"
                      "exclude patterns")

@@ -1,32 +1,54 @@
-"""Dedup: remove exact and near-duplicate documents, keeping the first of each group.
+"""Dedup: remove exact and near-duplicate documents, keeping the first of each cluster.
 
-Documents are read once, in shard order. Each is first compared exactly (a SHA-1 of its
-normalized text: lowercase, no punctuation, single spaces, so copies that differ only in
-case or spacing match), then approximately: a MinHash signature of its word shingles is
-looked up in an LSH index of the documents kept so far, and candidates are confirmed by
-their estimated Jaccard similarity. Only digests and signatures stay in memory, never
-texts, so memory grows by about ``4 * num_perm`` bytes per kept document.
+The stage runs in four restartable steps, as datatrove's multi-stage MinHash dedup does,
+so that memory is bounded by a shard or a band, never by the corpus:
+
+1. **signatures** (one task per shard): each document's normalized words give a 64-bit
+   digest of the whole text (exact duplicates) and a MinHash signature of its word
+   shingles (``tasks.minhash``, vectorized), cut into LSH bands. Signatures, band hashes
+   and digests are stored beside the shard in ``minhash/``.
+2. **buckets** (one task per band, and one for the digests): all documents' hashes of one
+   band are sorted, and each run of equal hashes gives candidate pairs (each member with
+   the run's first document).
+3. **clusters** (one task): candidate pairs are confirmed by their estimated Jaccard
+   similarity (the fraction of equal signature values; signatures are read from disk
+   for the pairs only), then union-find joins confirmed pairs and exact pairs into
+   clusters. The survivor of a cluster is its first document in corpus order (shard
+   order, then row order), whatever ran the tasks and in what order.
+4. **filter** (one task per shard, on the shared per-shard runner): every other member
+   goes to ``removed/`` with ``reason`` (exact_duplicate when its normalized text equals
+   an earlier document's, else near_duplicate), ``duplicate_of`` (the survivor's
+   id), ``cluster_id`` (the survivor's position in the corpus) and ``similarity`` (its
+   estimated Jaccard similarity to the survivor; 1.0 for exact duplicates).
+
+Normalization: NFKC, lower case, punctuation as a word break, single spaces; so copies
+that differ only in case, spacing or punctuation are exact duplicates.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import logging
-import re
-import time
-import unicodedata
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from datasketch import MinHash, MinHashLSH
+import pyarrow as pa
+import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.progress import progress
-from tasks.shards import ShardWriter, count_records, iter_records, shard_paths
-from tasks.stage import StageInputError
+from tasks import minhash
+from tasks.shard_runner import (
+    Mapper,
+    Removed,
+    ShardStep,
+    require_shards,
+    run_sharded,
+    serial_mapper,
+)
+from tasks.shards import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
-
 
 class DedupConfig(BaseModel):
     """Which duplicates to remove and how similar near-duplicates must be."""
@@ -42,148 +64,240 @@ class DedupConfig(BaseModel):
                           "at least `threshold` (Jaccard similarity, estimated with MinHash "
                           "LSH) (near_duplicate).")
     threshold: float = Field(
-        0.8, gt=0, lt=1, description="Jaccard similarity of shingle sets above which two "
-                                     "documents are near-duplicates. 0.8 catches copies with "
-                                     "small edits (a changed word, a different footer).")
+        0.6, gt=0, lt=1, description="Jaccard similarity of shingle sets at or above which two "
+                                     "documents are near-duplicates. 0.6 catches copies with "
+                                     "small edits, changed boilerplate lines or a different "
+                                     "footer (their similarity is 0.75-0.95), and keeps "
+                                     "documents that share a third of their text (about 0.2). "
+                                     "The LSH bands and rows are derived from it.")
     num_perm: int = Field(
         128, ge=16, le=1024, description="MinHash permutations: more give a sharper similarity "
-                                         "estimate at proportionally more time and memory "
-                                         "(4 bytes each per kept document).")
+                                         "estimate at proportionally more time and disk (4 "
+                                         "bytes each per document, stored beside the stage's "
+                                         "output in minhash/).")
     shingle_size: int = Field(
         5, ge=1, le=50, description="Words per shingle. Smaller shingles make unrelated texts "
                                     "on the same topic look alike; larger ones make small edits "
                                     "count more.")
     seed: int = Field(1, ge=0, description="Seed of the MinHash permutations; results are "
                                            "deterministic for a given seed.")
-    shard_size: int = Field(1000, ge=1, description="Documents per output parquet shard.")
 
 
-_NOT_WORD = re.compile(r"[^\w\s]+")
+
+# Documents whose signatures are computed together (bounds the scratch arrays).
+SIGNATURE_BATCH = 512
+EXACT = "exact"
 
 
-def normalized_tokens(text: str) -> list[str]:
-    """Lowercase words without punctuation: what both comparisons look at."""
-    text = unicodedata.normalize("NFKC", text).lower()
-    return _NOT_WORD.sub(" ", text).split()
+def _save_array(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, array)
 
 
-def exact_digest(tokens: list[str]) -> bytes:
-    return hashlib.sha1(" ".join(tokens).encode("utf-8")).digest()
+def signature_shard(config: DedupConfig, shard: str, work: str) -> dict:
+    """Step 1 for one shard: signatures, band hashes and digests into ``work/minhash``."""
+    shard, folder = Path(shard), Path(work) / "minhash"
+    done = folder / f"{shard.stem}.json"
+    if done.exists():
+        return json.loads(done.read_text(encoding="utf-8"))
+    bands, rows = minhash.lsh_parameters(config.threshold, config.num_perm)
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for batch in pq.ParquetFile(shard).iter_batches(batch_size=SIGNATURE_BATCH,
+                                                    columns=["text"]):
+        parts.append(minhash.signatures(batch.column(0), config.shingle_size,
+                                        config.num_perm, config.seed))
+    if parts:
+        signatures = np.concatenate([p[0] for p in parts])
+        has_words = np.concatenate([p[1] for p in parts])
+        digests = np.concatenate([p[2] for p in parts])
+    else:
+        signatures = np.zeros((0, config.num_perm), np.uint32)
+        has_words, digests = np.zeros(0, bool), np.zeros(0, np.uint64)
+    _save_array(folder / f"{shard.stem}.signatures.npy", signatures)
+    _save_array(folder / f"{shard.stem}.bands.npy", minhash.band_hashes(signatures, bands, rows))
+    _save_array(folder / f"{shard.stem}.digests.npy", digests)
+    _save_array(folder / f"{shard.stem}.words.npy", has_words)
+    result = {"shard": shard.name, "rows": len(signatures)}
+    write_text_atomic(done, json.dumps(result))
+    return result
 
 
-def shingles(tokens: list[str], size: int) -> set[bytes]:
-    """Word n-grams; a text shorter than one shingle is its own single shingle."""
-    if len(tokens) <= size:
-        return {" ".join(tokens).encode("utf-8")} if tokens else set()
-    return {" ".join(tokens[i:i + size]).encode("utf-8") for i in range(len(tokens) - size + 1)}
+def bucket_pairs(work: str, stems: list[str], offsets: list[int], band: int | str) -> str:
+    """Step 2 for one band (or ``"exact"`` for the digests): the candidate pairs of
+    documents with equal hashes, as global positions, into ``work/pairs``."""
+    out = Path(work) / "pairs" / f"{band if band == EXACT else f'band-{band:03d}'}.npy"
+    if out.exists():
+        return str(out)
+    hashes, index = [], []
+    for stem, offset in zip(stems, offsets):
+        folder = Path(work) / "minhash"
+        if band == EXACT:
+            values = np.load(folder / f"{stem}.digests.npy")
+            keep = np.ones(len(values), bool)
+        else:
+            values = np.load(folder / f"{stem}.bands.npy", mmap_mode="r")[band]
+            keep = np.load(folder / f"{stem}.words.npy")
+        hashes.append(np.asarray(values)[keep])
+        index.append(np.flatnonzero(keep) + offset)
+    pairs = minhash.equal_hash_pairs(np.concatenate(hashes), np.concatenate(index))
+    _save_array(out, pairs)
+    return str(out)
 
 
-class NearDuplicateIndex:
-    """MinHash LSH over the kept documents, with candidates confirmed by estimated Jaccard.
+class _Signatures:
+    """Random access to the stored signatures by global position (memory-mapped)."""
 
-    LSH alone also returns some pairs below the threshold (its banding is a soft cut-off);
-    comparing the stored signatures removes those false positives.
+    def __init__(self, work: Path, stems: list[str], offsets: list[int]):
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.maps = [np.load(work / "minhash" / f"{stem}.signatures.npy", mmap_mode="r")
+                     for stem in stems]
+
+    def rows(self, positions: np.ndarray) -> np.ndarray:
+        shard = np.searchsorted(self.offsets, positions, side="right") - 1
+        num_perm = self.maps[0].shape[1] if self.maps else 0
+        out = np.empty((len(positions), num_perm), dtype=np.uint32)
+        for s in np.unique(shard):
+            where = np.flatnonzero(shard == s)
+            local = positions[where] - self.offsets[s]
+            order = np.argsort(local)  # sorted reads from the map
+            out[where[order]] = self.maps[s][local[order]]
+        return out
+
+    def similarity(self, left: np.ndarray, right: np.ndarray, chunk: int = 65536
+                   ) -> np.ndarray:
+        """Estimated Jaccard similarity of each (left, right) pair of documents."""
+        out = np.empty(len(left), dtype=np.float64)
+        for start in range(0, len(left), chunk):
+            a = self.rows(left[start:start + chunk])
+            b = self.rows(right[start:start + chunk])
+            out[start:start + chunk] = (a == b).mean(axis=1)
+        return out
+
+
+def cluster_documents(config: DedupConfig, work: str, stems: list[str], offsets: list[int],
+                      pair_files: list[str], ids_from: list[str]) -> dict:
+    """Step 3: confirm candidates, join clusters, and write each shard's removals (global
+    position of its survivor, similarity, reason) into ``work/decisions``."""
+    work = Path(work)
+    done = work / "decisions" / "clusters.json"
+    if done.exists():
+        return json.loads(done.read_text(encoding="utf-8"))
+    total = offsets[-1] if offsets else 0
+    signatures = _Signatures(work, stems, offsets[:-1])
+    near = [np.load(f) for f in pair_files if Path(f).stem != EXACT]
+    exact = [np.load(f) for f in pair_files if Path(f).stem == EXACT]
+    candidates = np.unique(np.concatenate(near), axis=0) if near else np.zeros((0, 2), np.int64)
+    similarity = signatures.similarity(candidates[:, 0], candidates[:, 1])
+    confirmed = candidates[similarity >= config.threshold]
+    edges = np.concatenate([confirmed, *exact]) if exact else confirmed
+    survivor = minhash.connected_components(total, edges)
+    duplicates = np.flatnonzero(survivor != np.arange(total))
+    digests = np.concatenate([np.load(work / "minhash" / f"{stem}.digests.npy")
+                              for stem in stems]) if stems else np.zeros(0, np.uint64)
+    same_text = digests[duplicates] == digests[survivor[duplicates]]
+    sims = np.where(same_text, 1.0,
+                    signatures.similarity(duplicates, survivor[duplicates]))
+    # an exact duplicate repeats an earlier document's text (not always the survivor's)
+    repeats = np.isin(duplicates, np.concatenate([e[:, 1] for e in exact])) if exact \
+        else np.zeros(len(duplicates), bool)
+    survivor_ids = _ids_at(np.unique(survivor[duplicates]), ids_from, offsets)
+    for number, stem in enumerate(stems):
+        lo, hi = offsets[number], offsets[number + 1]
+        mine = (duplicates >= lo) & (duplicates < hi)
+        table = pa.table({
+            "row": (duplicates[mine] - lo).astype(np.int64),
+            "duplicate_of": [survivor_ids[int(p)] for p in survivor[duplicates[mine]]],
+            "cluster_id": survivor[duplicates[mine]].astype(np.int64),
+            "similarity": np.round(sims[mine], 4),
+            "reason": np.where(repeats[mine], "exact_duplicate", "near_duplicate").tolist(),
+        })
+        with atomic_path(work / "decisions" / f"{stem}.parquet") as tmp:
+            pq.write_table(table, tmp)
+    sizes = np.bincount(survivor[duplicates] if len(duplicates) else np.zeros(0, np.int64))
+    result = {"candidate_pairs": len(candidates), "confirmed_pairs": len(confirmed),
+              "exact_pairs": int(sum(len(e) for e in exact)),
+              "duplicate_clusters": int(np.count_nonzero(sizes)),
+              "largest_cluster": int(sizes.max() + 1) if len(duplicates) else 1}
+    write_text_atomic(done, json.dumps(result))
+    return result
+
+
+def _ids_at(positions: np.ndarray, shards: list[str], offsets: list[int]) -> dict[int, str]:
+    """The ids of the documents at these global positions, reading one shard at a time."""
+    found: dict[int, str] = {}
+    for number, shard in enumerate(shards):
+        lo, hi = offsets[number], offsets[number + 1]
+        wanted = positions[(positions >= lo) & (positions < hi)]
+        if len(wanted):
+            ids = pq.read_table(shard, columns=["id"]).column(0)
+            for position in wanted:
+                found[int(position)] = str(ids[int(position) - lo].as_py())
+    return found
+
+
+class DedupStep(ShardStep):
+    """Step 4: drop the documents step 3 found to duplicate an earlier survivor."""
+
+    name = "dedup"
+    batch_size = 1024
+
+    def __init__(self, config: tuple[DedupConfig, str]):
+        super().__init__(config[0])
+        self.work = Path(config[1])
+
+    def open_shard(self, shard: str) -> None:
+        table = pq.read_table(self.work / "decisions" / f"{Path(shard).stem}.parquet")
+        self.decisions = {d.pop("row"): d for d in table.to_pylist()}
+
+    def apply(self, records: list[dict], stats: Counter) -> list[dict | Removed]:
+        outcomes: list[dict | Removed] = []
+        for row, record in enumerate(records, self.first_row):
+            decision = self.decisions.get(row)
+            if decision is None:
+                outcomes.append(record)
+            else:
+                extra = {k: v for k, v in decision.items() if k != "reason"}
+                outcomes.append(Removed({**record, **extra}, decision["reason"]))
+        return outcomes
+
+    @classmethod
+    def check_result(cls, config, stats: dict) -> None:
+        """Nothing to check: dedup keeps the first document of every cluster."""
+
+
+def deduplicate(config: DedupConfig, input_dir: Path, out_dir: Path,
+                mapper: Mapper | None = None) -> dict:
+    """Keep the first document of each cluster of exact or near-duplicates (corpus order).
+
+    Removed documents go to removed/ with ``reason``, ``duplicate_of``, ``cluster_id`` and
+    ``similarity``; signatures stay in ``minhash/`` beside the output.
     """
-
-    def __init__(self, threshold: float, num_perm: int, seed: int):
-        self.threshold = threshold
-        self._template = MinHash(num_perm=num_perm, seed=seed)
-        self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-        self._signatures: list[np.ndarray] = []
-        self._ids: list[str] = []
-
-    def signature(self, shingle_set: set[bytes]) -> MinHash:
-        minhash = self._template.copy()
-        minhash.update_batch(sorted(shingle_set))
-        return minhash
-
-    def best_match(self, minhash: MinHash) -> tuple[str, float] | None:
-        """The most similar kept document at or above the threshold (earliest on ties)."""
-        best: tuple[float, int] | None = None
-        for key in self._lsh.query(minhash):
-            similarity = float(np.mean(self._signatures[key] == minhash.hashvalues))
-            if similarity >= self.threshold and (
-                    best is None or (similarity, -key) > (best[0], -best[1])):
-                best = (similarity, key)
-        return None if best is None else (self._ids[best[1]], best[0])
-
-    def add(self, doc_id: str, minhash: MinHash) -> None:
-        key = len(self._ids)
-        self._lsh.insert(key, minhash)
-        self._signatures.append(minhash.hashvalues.copy())
-        self._ids.append(doc_id)
-
-
-class Deduplicator:
-    """Decides, document by document in corpus order, whether it repeats an earlier one."""
-
-    def __init__(self, config: DedupConfig):
-        self.config = config
-        # digest -> id of the kept document that text resolves to, so that duplicate_of
-        # always names a kept document even when the first copy was itself a near-duplicate
-        self._digests: dict[bytes, str] = {}
-        self._index = NearDuplicateIndex(config.threshold, config.num_perm, config.seed)
-
-    def check(self, doc_id: str, text: str) -> tuple[str, str, float] | None:
-        """(reason, duplicate_of, similarity) for a duplicate; None (and remember it) if new."""
-        tokens = normalized_tokens(text)
-        digest = exact_digest(tokens)
-        if self.config.exact and digest in self._digests:
-            return "exact_duplicate", self._digests[digest], 1.0
-        minhash = None
-        if self.config.near and tokens:
-            minhash = self._index.signature(shingles(tokens, self.config.shingle_size))
-            match = self._index.best_match(minhash)
-            if match is not None:
-                self._remember(digest, match[0])
-                return "near_duplicate", match[0], round(match[1], 4)
-        self._remember(digest, doc_id)
-        if minhash is not None:
-            self._index.add(doc_id, minhash)
-        return None
-
-    def _remember(self, digest: bytes, kept_id: str) -> None:
-        if self.config.exact:
-            self._digests.setdefault(digest, kept_id)
-
-
-def deduplicate(config: DedupConfig, input_dir: Path, out_dir: Path) -> dict:
-    """Keep the first document of each exact or near-duplicate group, in shard order.
-
-    Removed documents go to removed/ with ``reason`` (exact_duplicate or near_duplicate),
-    ``duplicate_of`` (the id of the kept document they duplicate) and ``similarity``
-    (estimated Jaccard similarity; 1.0 for exact duplicates).
-    """
+    mapper = mapper or serial_mapper
     input_dir, out_dir = Path(input_dir), Path(out_dir)
-    if not shard_paths(input_dir):
-        raise StageInputError("dedup", f"no shard-*.parquet files in {input_dir}; run the "
-                                       "filter stage first")
-    total = count_records(input_dir)
-    if total == 0:
-        raise StageInputError("dedup", f"the input {input_dir} holds no documents; check the "
-                                       "earlier stages' removed/ folders")
+    shards = [str(path) for path in require_shards("dedup", input_dir)]
+    work = str(out_dir)
     if not (config.exact or config.near):
-        log.warning("dedup: both dedup.exact and dedup.near are off; copying all documents")
-    started = time.perf_counter()
-    deduplicator = Deduplicator(config)
-    stats = {"input_documents": 0, "kept": 0, "removed_exact_duplicate": 0,
-             "removed_near_duplicate": 0}
-    with ShardWriter(out_dir / "data", config.shard_size) as kept, \
-            ShardWriter(out_dir / "removed", config.shard_size) as removed:
-        for record in progress(iter_records(input_dir), desc="dedup", unit="doc", total=total):
-            stats["input_documents"] += 1
-            duplicate = deduplicator.check(str(record["id"]), record.get("text") or "")
-            if duplicate is None:
-                stats["kept"] += 1
-                kept.add(record)
-                continue
-            reason, duplicate_of, similarity = duplicate
-            stats[f"removed_{reason}"] += 1
-            removed.add({**record, "reason": reason, "duplicate_of": duplicate_of,
-                         "similarity": similarity})
-    log.info("dedup: kept %d of %d documents in %.1fs; removed %d exact and %d near "
-             "duplicates (threshold %.2f, %d-word shingles)", stats["kept"],
-             stats["input_documents"], time.perf_counter() - started,
-             stats["removed_exact_duplicate"], stats["removed_near_duplicate"], config.threshold,
-             config.shingle_size)
-    return {"count": stats["kept"], "stats": stats}
+        log.warning("dedup: both dedup.exact and dedup.near are off; keeping every document")
+    bands, rows = minhash.lsh_parameters(config.threshold, config.num_perm)
+    sizes = mapper("dedup-signatures", signature_shard,
+                   [(config, shard, work) for shard in shards])
+    offsets = np.concatenate([[0], np.cumsum([s["rows"] for s in sizes])]).tolist()
+    stems = [Path(shard).stem for shard in shards]
+    buckets = ([EXACT] if config.exact else []) + (list(range(bands)) if config.near else [])
+    pair_files = mapper("dedup-buckets", bucket_pairs,
+                        [(work, stems, offsets[:-1], band) for band in buckets])
+    clusters = mapper("dedup-clusters", cluster_documents,
+                      [(config, work, stems, offsets, pair_files, shards)])[0]
+    result = run_sharded(DedupStep, (config, work), input_dir, out_dir, mapper)
+    stats = result["stats"]
+    for reason in ("exact_duplicate", "near_duplicate"):
+        stats.setdefault(f"removed_{reason}", 0)
+    stats.update(clusters)
+    stats.update({"lsh_bands": bands, "lsh_rows": rows})
+    log.info("dedup: %d exact and %d near duplicates in %d clusters (largest %d); %d "
+             "candidate pairs from %d bands x %d rows, %d confirmed at Jaccard >= %.2f",
+             stats["removed_exact_duplicate"], stats["removed_near_duplicate"],
+             clusters["duplicate_clusters"], clusters["largest_cluster"],
+             clusters["candidate_pairs"], bands, rows, clusters["confirmed_pairs"],
+             config.threshold)
+    return result

@@ -15,25 +15,19 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import numpy as np
-import sentencepiece as spm
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.checkpoint import load_model
-from models.data import StridedWindows, open_tokens, read_meta
-from models.evaluation import (
-    bits_per_byte,
-    evaluate_loss,
-    pick_device,
-    unigram_cross_entropy,
-    unigram_log_probs,
-)
-from models.llama import Llama
 from tasks.shards import write_text_atomic
 from tasks.stage import StageInputError
+
+if TYPE_CHECKING:  # torch loads when evaluation starts, not with the config
+    import sentencepiece as spm
+    import torch
+
+    from models.data import StridedWindows
+    from models.llama import Llama
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +67,8 @@ class EvaluateConfig(BaseModel):
 def model_metrics(model: Llama, data: StridedWindows, meta: dict, batch_size: int,
                   device: torch.device) -> dict:
     """Loss, perplexity and bits per byte of ``model`` on the evaluated windows."""
+    from models.evaluation import bits_per_byte, evaluate_loss
+
     loss, tokens = evaluate_loss(model, data, batch_size, device)
     # only part of val.bin may be scored: credit it with its share of the bytes
     scored_bytes = meta["val_bytes"] * tokens / meta["val_tokens"]
@@ -82,6 +78,11 @@ def model_metrics(model: Llama, data: StridedWindows, meta: dict, batch_size: in
 
 def baseline_metrics(tokenized_dir: Path, meta: dict, data: StridedWindows) -> dict:
     """The unigram model's metrics on exactly the targets the models were scored on."""
+    import numpy as np
+
+    from models.data import open_tokens
+    from models.evaluation import bits_per_byte, unigram_cross_entropy, unigram_log_probs
+
     log_probs = unigram_log_probs(open_tokens(tokenized_dir / "train.bin", meta["dtype"]),
                                   meta["vocab_size"])
     val = open_tokens(tokenized_dir / "val.bin", meta["dtype"])
@@ -95,6 +96,8 @@ def baseline_metrics(tokenized_dir: Path, meta: dict, data: StridedWindows) -> d
 def write_samples(path: Path, config: EvaluateConfig, model: Llama, label: str,
                   sp: spm.SentencePieceProcessor, eos_id: int, device: torch.device) -> list[dict]:
     """Continue each prompt ``num_samples`` times; writes samples.md and returns the rows."""
+    import torch
+
     generator = torch.Generator(device=device).manual_seed(config.seed)
     rows = []
     settings = (f"temperature {config.temperature}, top_k {config.top_k}, "
@@ -118,6 +121,12 @@ def write_samples(path: Path, config: EvaluateConfig, model: Llama, label: str,
 def evaluate(config: EvaluateConfig, tokenized_dir: Path, pretrained_dir: Path,
              finetuned_dir: Path | None, out_dir: Path) -> dict:
     """Score the pretrained (and fine-tuned) model on val.bin; write the report and samples."""
+    import sentencepiece as spm
+
+    from models.checkpoint import load_model
+    from models.data import StridedWindows, read_meta
+    from models.evaluation import pick_device
+
     started = time.perf_counter()
     tokenized_dir, out_dir = Path(tokenized_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

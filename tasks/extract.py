@@ -13,18 +13,13 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 import unicodedata
+from collections import Counter
 from pathlib import Path
 
-import trafilatura
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from trafilatura.deduplication import LRUCache
-from trafilatura.settings import LRU_SIZE
-from trafilatura.utils import load_html
 
-from tasks.progress import progress
-from tasks.shards import ShardWriter, count_records, iter_records, shard_paths
+from tasks.shard_runner import Mapper, Removed, ShardStep, run_sharded
 from tasks.stage import StageInputError
 
 log = logging.getLogger(__name__)
@@ -76,7 +71,6 @@ class ExtractConfig(BaseModel):
         2_000_000, ge=1_000, description="HTML bodies larger than this many bytes are cut to "
                                          "this size before parsing, bounding time and memory "
                                          "per page.")
-    shard_size: int = Field(1000, ge=1, description="Documents per output parquet shard.")
 
     @model_validator(mode="after")
     def _one_bias(self) -> ExtractConfig:
@@ -178,9 +172,11 @@ def _page_title(tree) -> str:
     return " ".join(title.split())
 
 
-def extract_html(html: str, url: str | None, config: ExtractConfig,
-                 cache: LRUCache | None) -> dict:
+def extract_html(html: str, url: str | None, config: ExtractConfig, cache=None) -> dict:
     """Main text and metadata of one HTML page; text is "" when nothing was found."""
+    import trafilatura
+    from trafilatura.utils import load_html
+
     tree = load_html(html)
     if tree is None:
         return {"text": "", "title": ""}
@@ -216,93 +212,95 @@ def _output_record(record: dict, extracted: dict, config: ExtractConfig) -> dict
     return out
 
 
-def _removed_record(out: dict, reason: str, detail: str) -> dict:
-    return {**out, "text": out["text"][:REMOVED_SNIPPET_CHARS], "reason": reason,
-            "detail": detail}
+def _removed_record(out: dict, detail: str) -> dict:
+    return {**out, "text": out["text"][:REMOVED_SNIPPET_CHARS], "detail": detail}
 
 
-class _Counters:
-    def __init__(self) -> None:
-        self.stats = {"input_documents": 0, "kept": 0, "html_documents": 0,
-                      "text_documents": 0, "truncated_inputs": 0, "chars_in": 0,
-                      "chars_out": 0, **{f"removed_{r}": 0 for r in REASONS}}
+def _new_cache():
+    """trafilatura's segment cache for ``deduplicate``, one per shard so that a shard's
+    output does not depend on which shards its worker ran before."""
+    from trafilatura.deduplication import LRUCache
+    from trafilatura.settings import LRU_SIZE
 
-    def add(self, key: str, amount: int = 1) -> None:
-        self.stats[key] += amount
+    return LRUCache(maxsize=LRU_SIZE)
 
 
-def _extract_one(record: dict, config: ExtractConfig, cache: LRUCache,
-                 counters: _Counters) -> tuple[dict, str | None, str]:
+def _extract_one(record: dict, config: ExtractConfig, cache, stats: Counter
+                 ) -> tuple[dict, str | None, str]:
     """Returns (output record, removal reason or None, detail)."""
     raw = record.get("text") or ""
     if isinstance(raw, bytes):  # a binary body column: decode rather than fail on it
         raw = raw.decode("utf-8", errors="replace")
-    counters.add("chars_in", len(raw))
+    stats["chars_in"] += len(raw)
     if not is_html(record, raw):
-        counters.add("text_documents")
+        stats["text_documents"] += 1
         extracted = {"text": normalize_text(raw)}
     else:
-        counters.add("html_documents")
+        stats["html_documents"] += 1
         html, truncated = _truncate_utf8(raw, config.max_input_bytes)
-        counters.add("truncated_inputs", int(truncated))
+        stats["truncated_inputs"] += int(truncated)
         try:
             extracted = extract_html(html, record.get("url"), config, cache)
         except Exception as exc:  # noqa: BLE001
-            # Parsers fail in many ways on malformed pages; one bad page must not stop a run,
-            # and the page stays visible in removed/ with the error.
-            log.warning("extract: %s failed: %s: %s", record.get("url"), type(exc).__name__, exc)
+            # Parsers fail in many ways on malformed pages; the page stays visible in
+            # removed/ with the error's class (its message may quote the page).
+            log.warning("extract: %s failed: %s", record.get("url"), type(exc).__name__)
             out = _output_record(record, {"text": ""}, config)
-            return out, "extraction_failed", f"{type(exc).__name__}: {exc}"[:500]
+            return out, "extraction_failed", type(exc).__name__
     out = _output_record(record, extracted, config)
     if len(out["text"]) < config.min_chars:
         return out, "no_main_text", f"{len(out['text'])} chars < min_chars {config.min_chars}"
     return out, None, ""
 
 
-def extract_text(config: ExtractConfig, input_dir: Path, out_dir: Path) -> dict:
+class ExtractStep(ShardStep):
+    """Main text of each page of a shard."""
+
+    name = "extract"
+    batch_size = 16
+
+    def open_shard(self, shard: str) -> None:
+        self.cache = _new_cache() if self.config.deduplicate else None
+
+    def apply(self, records: list[dict], stats: Counter) -> list[dict | Removed]:
+        outcomes: list[dict | Removed] = []
+        for record in records:
+            out, reason, detail = _extract_one(record, self.config, self.cache, stats)
+            if reason is None:
+                stats["chars_out"] += len(out["text"])
+                outcomes.append(out)
+            else:
+                outcomes.append(Removed(_removed_record(out, detail), reason))
+        return outcomes
+
+    @classmethod
+    def summary(cls, config: ExtractConfig, stats: dict) -> str:
+        line = (f"{stats.get('html_documents', 0)} HTML and {stats.get('text_documents', 0)} "
+                f"plain-text documents; {stats.get('chars_in', 0)} -> "
+                f"{stats.get('chars_out', 0)} chars")
+        if stats.get("truncated_inputs"):
+            line += (f"; {stats['truncated_inputs']} HTML bodies were cut to "
+                     f"max_input_bytes={config.max_input_bytes} before parsing")
+        return line
+
+    @classmethod
+    def check_result(cls, config: ExtractConfig, stats: dict) -> None:
+        if stats.get("kept", 0) == 0:
+            counts = ", ".join(f"{r}: {stats.get('removed_' + r, 0)}" for r in REASONS)
+            raise StageInputError(
+                "extract", f"no document kept out of {stats['input_documents']} ({counts}); "
+                f"lower extract.min_chars (now {config.min_chars}), set extract.favor_recall, "
+                "or check that the crawl fetched real pages")
+
+
+def extract_text(config: ExtractConfig, input_dir: Path, out_dir: Path,
+                 mapper: Mapper | None = None) -> dict:
     """Replace each page's raw body by its main text; pages without enough text go to removed/.
 
     Output columns: every input column except the raw body, with ``text`` now the extracted
     text, plus ``title`` (and author/date/description with ``with_metadata``).
     """
-    input_dir, out_dir = Path(input_dir), Path(out_dir)
-    if not shard_paths(input_dir):
-        raise StageInputError("extract", f"no shard-*.parquet files in {input_dir}; run the "
-                                         "crawl stage first or check source.paths")
-    total = count_records(input_dir)
-    if total == 0:
-        raise StageInputError("extract", f"the input {input_dir} holds no documents; check the "
-                                         "crawl seeds or source.paths")
-    started = time.perf_counter()
-    counters = _Counters()
-    cache = LRUCache(maxsize=LRU_SIZE)  # scoped to this run so results don't depend on history
-    with ShardWriter(out_dir / "data", config.shard_size) as kept, \
-            ShardWriter(out_dir / "removed", config.shard_size) as removed:
-        for record in progress(iter_records(input_dir), desc="extract", unit="doc", total=total):
-            counters.add("input_documents")
-            out, reason, detail = _extract_one(record, config, cache, counters)
-            if reason is None:
-                counters.add("kept")
-                counters.add("chars_out", len(out["text"]))
-                kept.add(out)
-            else:
-                counters.add(f"removed_{reason}")
-                log.debug("extract: removed %s (%s): %s", out.get("id"), reason, detail)
-                removed.add(_removed_record(out, reason, detail))
-    stats = counters.stats
-    seconds = time.perf_counter() - started
-    log.info("extract: kept %d of %d documents (%d HTML, %d plain text); removed %s; "
-             "%d -> %d chars in %.1fs (%.3fs per document)", stats["kept"],
-             stats["input_documents"], stats["html_documents"], stats["text_documents"],
-             {r: stats[f"removed_{r}"] for r in REASONS}, stats["chars_in"], stats["chars_out"],
-             seconds, seconds / max(1, stats["input_documents"]))
-    if stats["truncated_inputs"]:
-        log.info("extract: %d HTML bodies were cut to max_input_bytes=%d before parsing",
-                 stats["truncated_inputs"], config.max_input_bytes)
-    if stats["kept"] == 0:
-        counts = ", ".join(f"{r}: {stats['removed_' + r]}" for r in REASONS)
-        raise StageInputError(
-            "extract", f"no document kept out of {stats['input_documents']} ({counts}); lower "
-            f"extract.min_chars (now {config.min_chars}), set extract.favor_recall, or check "
-            "that the crawl fetched real pages")
-    return {"count": stats["kept"], "stats": stats}
+    result = run_sharded(ExtractStep, config, input_dir, out_dir, mapper)
+    for reason in REASONS:  # every reason is a tracked metric, even when it never happened
+        result["stats"].setdefault(f"removed_{reason}", 0)
+    return result

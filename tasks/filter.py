@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import re
 import string
-import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from functools import lru_cache
@@ -22,8 +21,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.progress import progress
-from tasks.shards import ShardWriter, count_records, iter_records, shard_paths
+from tasks.shard_runner import Mapper, Removed, ShardStep, run_sharded
 from tasks.stage import StageInputError
 
 log = logging.getLogger(__name__)
@@ -108,7 +106,6 @@ class FilterConfig(BaseModel):
         0.56, ge=0, le=1, description="Same for 9-grams (duplicate_ngram). Gopher: 0.11.")
     max_duplicate_10gram_char_fraction: float = Field(
         0.55, ge=0, le=1, description="Same for 10-grams (duplicate_ngram). Gopher: 0.10.")
-    shard_size: int = Field(1000, ge=1, description="Documents per output parquet shard.")
 
     @model_validator(mode="after")
     def _ranges(self) -> FilterConfig:
@@ -322,7 +319,7 @@ def check(text: str, config: FilterConfig) -> str | None:
 
 
 def _nothing_left_message(stats: dict) -> str:
-    counts = {r: stats[f"removed_{r}"] for r in REASONS if stats[f"removed_{r}"]}
+    counts = {r: stats[f"removed_{r}"] for r in REASONS if stats.get(f"removed_{r}")}
     worst = sorted(counts, key=counts.get, reverse=True)
     listing = ", ".join(f"{r}: {counts[r]}" for r in worst)
     loosen = ", ".join(f"filter.{_SETTINGS[r]}" for r in worst[:2])
@@ -330,33 +327,31 @@ def _nothing_left_message(stats: dict) -> str:
             f"{loosen}, disable the stage (filter.enabled=false), or check the source")
 
 
-def filter_documents(config: FilterConfig, input_dir: Path, out_dir: Path) -> dict:
-    """Keep documents that pass every quality rule; the others go to removed/ with a reason."""
-    input_dir, out_dir = Path(input_dir), Path(out_dir)
-    if not shard_paths(input_dir):
-        raise StageInputError("filter", f"no shard-*.parquet files in {input_dir}; run the "
-                                        "extract stage first")
-    total = count_records(input_dir)
-    if total == 0:
-        raise StageInputError("filter", f"the input {input_dir} holds no documents; check the "
-                                        "earlier stages' removed/ folders")
-    started = time.perf_counter()
-    stats = {"input_documents": 0, "kept": 0, **{f"removed_{r}": 0 for r in REASONS}}
-    with ShardWriter(out_dir / "data", config.shard_size) as kept, \
-            ShardWriter(out_dir / "removed", config.shard_size) as removed:
-        for record in progress(iter_records(input_dir), desc="filter", unit="doc", total=total):
-            stats["input_documents"] += 1
+class FilterStep(ShardStep):
+    """The quality rules over the documents of a shard."""
+
+    name = "filter"
+    batch_size = 256
+
+    def apply(self, records: list[dict], stats: Counter) -> list[dict | Removed]:
+        outcomes: list[dict | Removed] = []
+        for record in records:
             text = record.get("text") or ""
-            reason = check(text, config)
-            if reason is None:
-                stats["kept"] += 1
-                kept.add(record)
-            else:
-                stats[f"removed_{reason}"] += 1
-                removed.add({**record, "reason": reason, "words": len(words(text))})
-    log.info("filter: kept %d of %d documents in %.1fs; removed %s", stats["kept"],
-             stats["input_documents"], time.perf_counter() - started,
-             {r: stats[f"removed_{r}"] for r in REASONS if stats[f"removed_{r}"]} or "none")
-    if stats["kept"] == 0:
-        raise StageInputError("filter", _nothing_left_message(stats))
-    return {"count": stats["kept"], "stats": stats}
+            reason = check(text, self.config)
+            outcomes.append(record if reason is None else
+                            Removed({**record, "words": len(words(text))}, reason))
+        return outcomes
+
+    @classmethod
+    def check_result(cls, config: FilterConfig, stats: dict) -> None:
+        if stats.get("kept", 0) == 0:
+            raise StageInputError("filter", _nothing_left_message(stats))
+
+
+def filter_documents(config: FilterConfig, input_dir: Path, out_dir: Path,
+                     mapper: Mapper | None = None) -> dict:
+    """Keep documents that pass every quality rule; the others go to removed/ with a reason."""
+    result = run_sharded(FilterStep, config, input_dir, out_dir, mapper)
+    for reason in REASONS:  # every reason is a tracked metric, even when it never happened
+        result["stats"].setdefault(f"removed_{reason}", 0)
+    return result

@@ -16,30 +16,20 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-import lightning as L
-import sentencepiece as spm
 from pydantic import BaseModel, ConfigDict, Field
-from torch.utils.data import DataLoader
 
-from models.checkpoint import load_model, save_model
-from models.data import Pair, SFTDataset, collate_trimmed, read_meta
-from models.evaluation import evaluate_loss, pick_device, plot_loss_curve
-from models.lightning import (
-    Accelerator,
-    MetricsCallback,
-    MetricsFn,
-    Precision,
-    SupervisedFineTuning,
-    make_trainer,
-    resolve_precision,
-    set_threads,
-)
+from models.config import Accelerator, Precision
 from tasks.pretrain import copy_tokenizer
 from tasks.shards import iter_records, write_text_atomic
 from tasks.stage import StageInputError
 from tasks.tokenize import is_validation, read_val_ids
+
+if TYPE_CHECKING:  # torch and Lightning load when training starts, not with the config
+    from models.data import Pair
+    from models.lightning import MetricsFn
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +114,8 @@ def opening_text(text: str, max_chars: int) -> str:
 
 def corpus_pairs(config: FinetuneConfig, corpus_dir: Path) -> list[tuple[str, Pair]]:
     """(document id, pair) for the first ``max_pairs`` documents with text."""
+    from models.data import Pair
+
     pairs = []
     for record in iter_records(corpus_dir):
         text = (record.get("text") or "").strip()
@@ -138,6 +130,8 @@ def corpus_pairs(config: FinetuneConfig, corpus_dir: Path) -> list[tuple[str, Pa
 
 def file_pairs(path: Path, max_pairs: int) -> list[tuple[str, Pair]]:
     """Pairs from a JSON-lines file; a bad line is reported as file:line."""
+    from models.data import Pair
+
     if not path.is_file():
         raise StageInputError(STAGE, f"finetune.data_path {path} does not exist or is not a file")
     pairs = []
@@ -189,6 +183,21 @@ def split_pairs(pairs: list[tuple[str, Pair]], val_fraction: float,
 def finetune(config: FinetuneConfig, tokenized_dir: Path, pretrained_dir: Path,
              corpus_dir: Path, out_dir: Path, on_metrics: MetricsFn | None = None) -> dict:
     """Fine-tune the pretrained model on response tokens; returns losses before and after."""
+    import lightning as L
+    import sentencepiece as spm
+    from torch.utils.data import DataLoader
+
+    from models.checkpoint import load_model, save_model
+    from models.data import SFTDataset, collate_trimmed, read_meta
+    from models.evaluation import evaluate_loss, pick_device, plot_loss_curve
+    from models.lightning import (
+        MetricsCallback,
+        SupervisedFineTuning,
+        make_trainer,
+        resolve_precision,
+        set_threads,
+    )
+
     tokenized_dir, pretrained_dir, out_dir = Path(tokenized_dir), Path(pretrained_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = read_meta(tokenized_dir)

@@ -14,28 +14,16 @@ import math
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import lightning as L
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from torch.utils.data import DataLoader
 
-from models.checkpoint import save_model
-from models.data import RandomWindows, StridedWindows, read_meta
-from models.evaluation import evaluate_loss, plot_loss_curve
-from models.lightning import (
-    Accelerator,
-    CausalLM,
-    MetricsCallback,
-    MetricsFn,
-    Precision,
-    check_strategy,
-    make_trainer,
-    resolve_precision,
-    set_threads,
-)
-from models.llama import Llama, ModelConfig
+from models.config import Accelerator, ModelConfig, Precision, check_strategy
 from tasks.shards import atomic_path, write_text_atomic
 from tasks.stage import StageInputError
+
+if TYPE_CHECKING:  # torch and Lightning load when training starts, not with the config
+    from models.lightning import MetricsFn
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +131,21 @@ def copy_tokenizer(tokenized_dir: Path, out_dir: Path) -> None:
 def pretrain(config: PretrainConfig, tokenized_dir: Path, out_dir: Path,
              on_metrics: MetricsFn | None = None) -> dict:
     """Train a fresh model on ``tokenized_dir``'s train.bin; returns steps and final losses."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from models.checkpoint import save_model
+    from models.data import RandomWindows, StridedWindows, read_meta
+    from models.evaluation import evaluate_loss, plot_loss_curve
+    from models.lightning import (
+        CausalLM,
+        MetricsCallback,
+        make_trainer,
+        resolve_precision,
+        set_threads,
+    )
+    from models.llama import Llama
+
     tokenized_dir, out_dir = Path(tokenized_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = read_meta(tokenized_dir)

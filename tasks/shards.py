@@ -49,8 +49,13 @@ def shard_paths(directory: str | os.PathLike) -> list[Path]:
 
 
 def write_shard(records: list[dict], path: str | os.PathLike) -> int:
-    """Write one shard atomically; returns the number of rows."""
-    table = pa.Table.from_pylist(records)
+    """Write one shard atomically; returns the number of rows.
+
+    Records may lack some columns that others have (a removed document that failed
+    carries ``detail`` where the others carry the rule's numbers): missing ones are null.
+    """
+    columns = list(dict.fromkeys(key for record in records for key in record))
+    table = pa.Table.from_pylist([{c: record.get(c) for c in columns} for record in records])
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
         raise ValueError(f"shard {path} lacks required column(s) {missing}")

@@ -12,6 +12,7 @@ the input are kept through every stage and must name one document each.
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import time
@@ -108,12 +109,24 @@ def _read_txt(file: Path, doc_id: str) -> Iterator[tuple[str, str, str]]:
 
 
 def _read_jsonl(file: Path) -> Iterator[tuple[str, str, str]]:
+    """One document per line. Read as bytes and decoded line by line, so that text that is
+    not UTF-8 is reported with its exact line (a text-mode reader fails a whole buffer)."""
     uri = file.resolve().as_uri()
-    with open(file, encoding="utf-8-sig") as lines:
-        for number, line in enumerate(lines, 1):
+    offset = 0  # of the current line's first byte in the file
+    with open(file, "rb") as lines:
+        for number, raw in enumerate(lines, 1):
+            start, offset = offset, offset + len(raw)
+            if number == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw, start = raw[len(codecs.BOM_UTF8):], start + len(codecs.BOM_UTF8)
+            where = f"{file}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _fail(f"{where} is not UTF-8 text ({exc.reason} at byte "
+                            f"{start + exc.start} of the file); convert the file to UTF-8, "
+                            "e.g. with iconv -f LATIN1 -t UTF-8 if it is Latin-1") from None
             if not line.strip():
                 continue
-            where = f"{file}:{number}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:

@@ -125,6 +125,7 @@ def run_stage(
     code: Iterable[ModuleType | str | os.PathLike] = (),
     extra_key: dict | None = None,
     log: Callable[[str], None] = print,
+    resumable: bool = False,
 ) -> dict[str, Any]:
     """Run ``build`` into a fresh keyed directory, or reuse the directory if it is complete.
 
@@ -138,13 +139,24 @@ def run_stage(
     inputs = list(inputs)
     return run_stage_in(stage_dir(name, workdir=workdir, config=config, inputs=inputs,
                                   code=code, extra_key=extra_key),
-                        name, build, inputs=inputs, log=log)
+                        name, build, inputs=inputs, log=log, resumable=resumable)
+
+
+def partial_dir(final_dir: Path, name: str) -> Path:
+    """Where a resumable stage builds its output: one stable name per key, so a rerun
+    after a kill finds the shards that finished (their completion markers) and keeps them."""
+    return final_dir.parent / f".partial-{final_dir.name}"
 
 
 def run_stage_in(final_dir: Path, name: str, build: Callable[[Path], dict[str, Any]], *,
-                 inputs: Iterable[dict] = (), log: Callable[[str], None] = print
-                 ) -> dict[str, Any]:
-    """``run_stage`` once the stage's keyed directory (from ``stage_dir``) is known."""
+                 inputs: Iterable[dict] = (), log: Callable[[str], None] = print,
+                 resumable: bool = False) -> dict[str, Any]:
+    """``run_stage`` once the stage's keyed directory (from ``stage_dir``) is known.
+
+    A ``resumable`` stage builds in ``partial_dir`` and leaves it in place when it fails
+    or is killed: its build skips the parts that finished (the sharded data stages keep a
+    completion marker per shard). Other stages build in a directory of their own process
+    and start over."""
     inputs = list(inputs)
     key = final_dir.name.removeprefix(f"{name}-")
     stages_dir = final_dir.parent
@@ -159,16 +171,25 @@ def run_stage_in(final_dir: Path, name: str, build: Callable[[Path], dict[str, A
     for stale in stages_dir.glob(f".tmp-{name}-{key}-*"):
         if not _alive(stale.name.rsplit("-", 1)[-1]):  # left by an interrupted attempt
             shutil.rmtree(stale, ignore_errors=True)
-    tmp_dir = stages_dir / f".tmp-{name}-{key}-{os.getpid()}"
     if final_dir.exists():  # a directory without manifest is an incomplete leftover
         shutil.rmtree(final_dir)
-    tmp_dir.mkdir(parents=True)
+    if resumable:
+        tmp_dir = partial_dir(final_dir, name)
+        if tmp_dir.exists():
+            log(f"{name}: resuming the unfinished output in {tmp_dir}")
+            for partial_file in tmp_dir.rglob(".*.tmp"):  # a write the kill cut short
+                partial_file.unlink(missing_ok=True)
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp_dir = stages_dir / f".tmp-{name}-{key}-{os.getpid()}"
+        tmp_dir.mkdir(parents=True)
 
     started = time.perf_counter()
     try:
         result = build(tmp_dir)
     except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if not resumable:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     seconds = time.perf_counter() - started
 

@@ -18,15 +18,17 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import numpy as np
-import sentencepiece as spm
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.progress import progress
 from tasks.shards import atomic_path, count_records, iter_records, write_text_atomic
 from tasks.stage import StageInputError
+
+if TYPE_CHECKING:  # loaded by the functions that use them, not with the config
+    import numpy as np
+    import sentencepiece as spm
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +138,8 @@ def write_training_text(input_dir: Path, val_ids: set[str], path: Path,
 def train_tokenizer(config: TokenizeConfig, text_path: Path, model_prefix: Path,
                     lines: int, chars: int) -> None:
     """Train sentencepiece, turning its 'vocabulary too large' failure into advice."""
+    import sentencepiece as spm
+
     spm.set_random_generator_seed(config.seed)
     try:
         spm.SentencePieceTrainer.train(
@@ -175,6 +179,8 @@ def train_tokenizer(config: TokenizeConfig, text_path: Path, model_prefix: Path,
 def encode_corpus(sp: spm.SentencePieceProcessor, input_dir: Path, val_ids: set[str],
                   out_dir: Path, dtype: np.dtype, total: int) -> dict[str, int]:
     """Encode every document + EOS into train.bin / val.bin; returns token/doc/byte counts."""
+    import numpy as np
+
     counts = {"train_tokens": 0, "val_tokens": 0, "train_documents": 0, "val_documents": 0,
               "train_bytes": 0, "val_bytes": 0}
     threads = os.cpu_count() or 1
@@ -207,6 +213,9 @@ def encode_corpus(sp: spm.SentencePieceProcessor, input_dir: Path, val_ids: set[
 
 def tokenize_corpus(config: TokenizeConfig, input_dir: Path, out_dir: Path) -> dict:
     """Train the tokenizer on the training documents and write the token bins and meta.json."""
+    import numpy as np
+    import sentencepiece as spm
+
     started = time.perf_counter()
     input_dir, out_dir = Path(input_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

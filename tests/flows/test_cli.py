@@ -13,10 +13,11 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
 
 
-def forgeline(*args, cwd, timeout=600):
+def forgeline(*args, cwd, timeout=600, extra_env=None):
     env = {**os.environ, "PREFECT_HOME": str(Path(cwd) / ".prefect"), "FORGELINE_PROGRESS": "0"}
     env.pop("PREFECT_API_URL", None)
     env.pop("MLFLOW_TRACKING_URI", None)
+    env.update(extra_env or {})
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout, check=False)
 
@@ -49,6 +50,42 @@ def test_config_command_prints_loadable_explained_yaml(tmp_path):
     assert result.returncode == 0
     assert yaml.safe_load(result.stdout)["pretrain"]["max_steps"] == 5
     assert result.stdout.count("\n# ") + result.stdout.count("  # ") > 20
+
+
+def test_config_command_masks_credentials_in_urls(tmp_path):
+    result = forgeline("config", "--set", "crawl.seeds=[https://user:pw-SECRET@example.org/]",
+                       cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "pw-SECRET" not in result.stdout + result.stderr
+    assert yaml.safe_load(result.stdout)["crawl"]["seeds"] == ["https://***@example.org/"]
+    bad = forgeline("config", "--set", "crawl.seeds=[ftp://user:pw-SECRET@example.org/]",
+                    cwd=tmp_path)
+    assert bad.returncode == 2 and "crawl.seeds" in bad.stderr
+    assert "pw-SECRET" not in bad.stdout + bad.stderr
+
+
+@pytest.mark.slow
+def test_non_utf8_jsonl_exits_2_naming_the_line(tmp_path):
+    source = tmp_path / "latin1.jsonl"
+    source.write_bytes(b'{"id": "a", "text": "one"}\n{"id": "b", "text": "two"}\n'
+                       b'{"id": "c", "text": "caf\xe9"}\n')
+    result = forgeline("run", "--set", f"source.paths=[{source}]", "--until", "crawl",
+                       cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"forgeline: error: crawl: {source}:3 is not UTF-8"), message
+    assert "UnicodeDecodeError" not in result.stderr
+
+
+@pytest.mark.slow
+def test_tracking_uri_password_is_never_printed(tmp_path):
+    """MLflow quotes the tracking URI when its server cannot be reached: masked here."""
+    result = forgeline("run", "--until", "crawl", cwd=tmp_path, timeout=300, extra_env={
+        "MLFLOW_TRACKING_URI": "http://forgeline:pw-SECRET@127.0.0.1:9",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "http://***@127.0.0.1:9" in result.stderr
+    assert "pw-SECRET" not in result.stdout + result.stderr
 
 
 @pytest.mark.slow

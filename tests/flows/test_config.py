@@ -1,5 +1,7 @@
 """PipelineConfig: loading, overrides, error messages, and the shipped config files."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,3 +103,37 @@ def test_every_shipped_config_loads(path):
 def test_flatten_gives_dotted_params():
     flat = flatten(PipelineConfig().model_dump(mode="json"))
     assert "pretrain.learning_rate" in flat and "crawl.max_pages" in flat
+
+
+def test_credentials_in_seed_urls_never_reach_params_yaml_or_errors():
+    config = load_config(None, ["crawl.seeds=[https://user:pw-SECRET@example.org/]"])
+    flat = flatten(config.model_dump(mode="json"))
+    assert "pw-SECRET" not in repr(flat) and "pw-SECRET" not in config_yaml(config)
+    assert flat["crawl.seeds"] == ["https://***@example.org/"]
+    # flatten and config_yaml mask by themselves too, whatever the model holds
+    raw = {"tracking": {"uri": "postgresql://u:pw-SECRET@db/mlflow"}, "n": 1}
+    assert flatten(raw) == {"tracking.uri": "postgresql://***@db/mlflow", "n": 1}
+    assert flatten(raw, redacted=False)["tracking.uri"] == raw["tracking"]["uri"]
+    unchecked = PipelineConfig().model_copy(update={"crawl": config.crawl.model_copy(
+        update={"seeds": ["https://user:pw-SECRET@example.org/"]})})
+    assert "pw-SECRET" not in config_yaml(unchecked)
+    assert "https://***@example.org/" in config_yaml(unchecked)
+    assert "pw-SECRET" in config_yaml(unchecked, redacted=False)
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["crawl.seeds=[ftp://user:pw-SECRET@example.org/]"])
+    assert "pw-SECRET" not in str(error.value) and "ftp://***@example.org/" in str(error.value)
+
+
+HEAVY = ("torch", "lightning", "trafilatura", "presidio_analyzer", "spacy", "mlflow", "prefect")
+
+
+def test_loading_the_config_imports_no_heavy_library():
+    """`forgeline config` and a bad --set answer at once: nothing trains or tracks there."""
+    code = (f"import flows.config, sys; print(sorted(m for m in {HEAVY!r} "
+            "if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]", (
+        f"importing flows.config loads {result.stdout.strip()}; find who with "
+        "`python -X importtime -c 'import flows.config'`")

@@ -3,6 +3,8 @@
 import asyncio
 import hashlib
 import itertools
+import json
+import logging
 import sys
 import threading
 import time
@@ -309,3 +311,44 @@ def test_snapshot_labels_and_config_validation():
         CrawlConfig(include=["(unclosed"])
     with pytest.raises(ValidationError):
         CrawlConfig(max_pagez=3)
+
+
+SECRET = "pa55-SECRET"
+
+
+def with_credentials(url: str) -> str:
+    return url.replace("http://", f"http://crawler:{SECRET}@", 1)
+
+
+def test_seed_credentials_never_reach_logs_errors_or_shards(tmp_path, site, caplog):
+    site.page("/", "/a", "/missing")
+    site.page("/a")
+    caplog.set_level(logging.DEBUG, logger="tasks.crawl")
+    result, pages = run(tmp_path, [with_credentials(site.url)])
+    assert result["count"] == 2 and set(pages) == {site.url, site.url + "a"}
+    assert "crawl: 1 seed(s)" in caplog.text and "***@127.0.0.1" in caplog.text
+    assert "/missing" in caplog.text  # the failed URL is logged, without credentials
+    out = tmp_path / "out"
+    stored = [str(v) for r in iter_records(out / "data") for v in r.values()]
+    assert SECRET not in caplog.text
+    assert not any(SECRET in value for value in stored)
+    assert SECRET not in (out / "failures.jsonl").read_text()
+    assert SECRET not in json.dumps(result)
+
+
+def test_seed_credentials_are_masked_in_the_config_and_in_errors(tmp_path, caplog):
+    closed = Site()
+    closed.close()
+    config = CrawlConfig(seeds=[with_credentials(closed.url)], retries=0)
+    assert config.seeds == [closed.url.replace("http://", "http://***@")]
+    assert SECRET not in config.model_dump_json()
+    with pytest.raises(ValidationError) as invalid:
+        CrawlConfig(seeds=[f"ftp://user:{SECRET}@example.org/"])
+    message = invalid.value.errors()[0]["msg"]  # pydantic's str() adds the raw input
+    assert SECRET not in message and "ftp://***@example.org/" in message
+    caplog.set_level(logging.DEBUG, logger="tasks.crawl")
+    with pytest.raises(StageInputError, match="no pages could be fetched") as error:
+        crawl(config.model_copy(update={"seeds": []}), tmp_path / "out",
+              seeds=[with_credentials(closed.url)])
+    assert SECRET not in str(error.value) and "***@127.0.0.1" in str(error.value)
+    assert SECRET not in caplog.text

@@ -118,13 +118,155 @@ def test_only_requested_entities_with_a_custom_placeholder(tmp_path, caplog):
 
 
 def test_weak_matches_stay(tmp_path):
-    """Invalid checksums and phone numbers without a context word are not personal data."""
+    """Invalid checksums, and runs of digits without a context word, are not personal data
+    (a number written as a phone number, 212-555-0123, is: see the phone tests)."""
     docs = [{"id": "bad-card", "url": "u", "title": "t",
              "text": "The test vector 4111 1111 1111 1112 fails the Luhn check."},
             {"id": "bare-number", "url": "u", "title": "t",
-             "text": "Run the job with seed 212-555-0123 again."}]
+             "text": "Run the job with seed 2125550123 again."}]
     _, out = run(tmp_path, docs)
     assert [d["text"] for d in out] == [d["text"] for d in docs]
+
+
+def make_scrubber(**kwargs) -> pii.Scrubber:
+    config = PiiConfig(spacy_model=NO_MODEL)
+    plan = pii.choose_engine(config)
+    return pii.Scrubber(plan.engine, plan.entities, config.score_threshold, config.placeholder,
+                        config.max_chars_per_chunk, config.batch_size, **kwargs)
+
+
+def scrub_one(text: str, **kwargs) -> str:
+    return make_scrubber(**kwargs).scrub([text])[0][0]
+
+
+@pytest.mark.parametrize("windowed", [True, False])
+@pytest.mark.parametrize("text", ["x sys.::.", "ends with ::", "::", "a::", "x.::", "(::)",
+                                  "see fe80::1.", "fe80::1"])
+def test_ipv6_colons_after_punctuation_or_at_the_end_do_not_crash(text, windowed):
+    """Presidio looks up the token at each match's start; '::' after a full stop had none
+    ("Did not find word '::' in the list of tokens")."""
+    scrubbed = scrub_one(text, windowed=windowed)
+    assert "fe80" not in scrubbed
+
+
+@pytest.mark.parametrize("text", [
+    "(555) 010-4477", "555.010.4477", "555-010-4477 x321", "555-010-4477", "555 010 4477",
+    "+44 20 7946 0958", "+1-202-555-0143", "+49 30 1234567", "(202)555-0143x123",
+    "001-202-555-0143x1234", "+44(0)7700 900123", "(0113) 496 0123", "0113 496 0123",
+    "07700 900123", "212-555-0123",
+])
+def test_phone_numbers_written_as_such_are_found_without_context(text):
+    """Assigned or not (555 and 010 are not): the written form makes them phone numbers."""
+    assert scrub_one(f"Reach her at {text} today.") == "Reach her at <PHONE_NUMBER> today."
+    assert scrub_one(f"Reach her ({text}), today.") == "Reach her (<PHONE_NUMBER>), today."
+
+
+@pytest.mark.parametrize("text", ["5550104477", "+441134960123", "01134960123",
+                                  "+44(0)7700900653", "07700900123"])
+def test_phone_numbers_that_are_only_digits_need_a_context_word(text):
+    assert scrub_one(f"The value {text} is here.") == f"The value {text} is here."
+    assert scrub_one(f"My phone is {text} now.") == "My phone is <PHONE_NUMBER> now."
+    assert scrub_one(f"Tel. {text}") == "Tel. <PHONE_NUMBER>"
+
+
+@pytest.mark.parametrize("text", [
+    "Python 3.11.7 came out on 2024-01-15.", "ISBN 978-3-16-148410-0 and 0-306-40615-2.",
+    "The build id 12345678901234 and 1234567890123 and 20240115.", "Wait 10:30 to 12:45.",
+    "Ratio 16:9, section 4.2.1, pi 3.14159265358979, 1,234,567.89 dollars.",
+    "Times 2024-01-15T10:30:00Z and 10/12/2023 and x = 555-0100.",
+])
+def test_numbers_that_are_not_phone_numbers_stay(text):
+    assert scrub_one(text) == text
+
+
+def test_an_ip_address_is_not_a_phone_number():
+    text = "Call the server on 152.211.22.29 by phone."
+    assert scrub_one(text) == "Call the server on <IP_ADDRESS> by phone."
+
+
+@pytest.mark.parametrize("number", [
+    "4111 1111 1111 1111", "4111-1111-1111-1111", "4111111111111111",  # Visa 4-4-4-4
+    "5555 5555 5555 4444", "2221 0000 0000 0009", "2720-9999-9999-9996",  # Mastercard
+    "3782 822463 10005", "378282246310005", "3714-496353-98431",  # Amex 4-6-5
+    "3056 930902 5904", "30569309025904",  # Diners 4-6-4
+    "6011 1111 1111 1117", "6011 0009 9013 9424 124", "4000-0000-0000-0000-006",  # 19
+    "6221260000000000001",
+])
+def test_luhn_valid_card_numbers_in_the_usual_groupings_are_found(number):
+    assert scrub_one(f"Paid with {number} yesterday.") == "Paid with <CREDIT_CARD> yesterday."
+
+
+def test_candidate_windows_surround_digits_at_and_ipv6_colons_with_context():
+    stop_words = pii.choose_engine(PiiConfig(spacy_model=NO_MODEL)).engine.stop_words
+    assert pii.candidate_windows("Plain prose. Note: nothing here.", stop_words) == []
+    text = "word " * 100 + "call 555-010-4477 " + "word " * 30 + "a@b.org " + "x " * 300
+    windows = pii.candidate_windows(text, stop_words)
+    assert len(windows) == 1  # 150 characters apart: one window
+    start, end = windows[0]
+    assert start <= text.index("555") - 100 and end >= text.index("a@b.org") + 107
+    assert text[start - 1].isspace() and text[end].isspace()
+    text = text.replace("word " * 30, "word " * 60)  # 300 apart: two
+    (_, first_end), (second_start, _) = pii.candidate_windows(text, stop_words)
+    assert first_end < second_start
+    # stop words do not count as context: the window reaches back to a real word
+    far = "phone " + "the of and to a in is " * 20 + "5550104477"
+    assert pii.candidate_windows(far, stop_words) == [(0, len(far))]
+    assert pii.candidate_windows("std::vector a:b fe80::1", stop_words)[0][0] == 0
+
+
+def test_windows_give_the_same_output_as_whole_texts():
+    rng = __import__("random").Random(3)
+    words = ["the", "of", "and", "phone", "card", "ssn", "iban", "server", "email", "note:",
+             "number", "word", "prose", "table", "2024", "3.11.7", "16:9"]
+    values = ["555-010-4477", "(555) 010-4477", "+44 20 7946 0958", "5550104477",
+              "4111 1111 1111 1111", "192.168.1.10", "fe80::1", "a@b.org", "536-22-1234",
+              "DE89 3704 0044 0532 0130 00", "::"]
+    texts = [" ".join(rng.choice(words) if rng.random() < 0.9 else rng.choice(values)
+                      for _ in range(rng.randint(5, 400))) for _ in range(60)]
+    texts += ["phone " + "the of and to a in is " * 30 + "5550104477 " + "prose " * 50,
+              "prose " * 300 + "\n\nmail me at jane@example.com\n" + "prose " * 300]
+    for max_chars in (20_000, 1_000):
+        windowed = make_scrubber(windowed=True)
+        whole = make_scrubber(windowed=False)
+        windowed.max_chars = whole.max_chars = max_chars
+        assert windowed.scrub(texts) == whole.scrub(texts)
+
+
+def test_windows_are_not_used_with_entities_that_may_hold_no_digit():
+    config = PiiConfig(spacy_model=NO_MODEL, entities=["EMAIL_ADDRESS", "URL"])
+    plan = pii.choose_engine(config)
+    scrubber = pii.Scrubber(plan.engine, plan.entities, 0.5, "<{entity_type}>", 20_000, 8)
+    assert not scrubber.windowed
+    with pytest.raises(ValueError, match="candidate windows"):
+        pii.Scrubber(plan.engine, plan.entities, 0.5, "<{entity_type}>", 20_000, 8,
+                     windowed=True)
+
+
+def test_importing_the_config_does_not_import_presidio_or_spacy():
+    """The CLI validates configs: it must not wait seconds for Presidio and spaCy."""
+    code = ("import sys, time; started = time.perf_counter(); import tasks.pii; "
+            "from tasks.pii import PiiConfig; PiiConfig(); "
+            "print(time.perf_counter() - started); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'presidio_analyzer', 'presidio_anonymizer', 'spacy', 'tldextract'}))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, check=True)
+    seconds, heavy = done.stdout.strip().splitlines()
+    assert heavy == "[]"
+    assert float(seconds) < 2
+
+
+def test_detected_values_and_texts_stay_out_of_the_logs(caplog):
+    values = ["jane.roe@example.com", "555-010-4477", "4111 1111 1111 1111", "536-22-1234",
+              "DE89 3704 0044 0532 0130 00", "192.168.10.42", "5550104477"]
+    text = "Secret prose here: " + ", ".join(f"phone {value}" for value in values)
+    with caplog.at_level(logging.DEBUG):
+        scrubber = make_scrubber()
+        logging.getLogger("presidio-analyzer").error("Failed to validate text %s", values[0])
+        scrubber.scrub([text])
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "Failed to validate text" in logged  # Presidio's records are there, masked
+    assert not [v for v in [*values, "Secret prose"] if v in logged]
 
 
 def test_long_documents_are_chunked_without_losing_or_moving_text(tmp_path):
@@ -150,9 +292,10 @@ def test_split_chunks_cuts_at_line_breaks_then_spaces():
     assert "".join(split_chunks("x" * 100, 32)) == "x" * 100  # no whitespace: hard cuts
 
 
-def test_shards_follow_shard_size_and_nothing_is_removed(tmp_path):
-    result, out = run(tmp_path, DOCS, shard_size=3)
-    assert len(shard_paths(tmp_path / "out" / "data")) == 3
+def test_output_shards_mirror_input_shards_and_nothing_is_removed(tmp_path):
+    result, out = run(tmp_path, DOCS)
+    assert [p.name for p in shard_paths(tmp_path / "out" / "data")] == \
+        [p.name for p in shard_paths(tmp_path / "in")]
     assert not (tmp_path / "out" / "removed").exists()
     assert result["count"] == len(out) == len(DOCS)
 

@@ -110,3 +110,28 @@ def test_duplicate_ids_across_files_name_the_id_and_both_files(tmp_path):
         ingest(tmp_path, first, second)
     message = str(error.value)
     assert "'same'" in message and "first.jsonl" in message and "second.jsonl" in message
+
+
+def test_non_utf8_jsonl_names_the_file_line_and_byte(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    rows = [{"id": "a", "text": "plain"}, {"id": "b", "text": "ascii"},
+            {"id": "c", "text": "café au lait"}]
+    path.write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+                     .encode("latin-1"))
+    with pytest.raises(StageInputError, match="crawl: ") as error:
+        ingest(tmp_path, path)
+    message = str(error.value)
+    offset = path.read_bytes().index("é".encode("latin-1"))
+    assert f"{path}:3 is not UTF-8" in message
+    assert f"byte {offset} of the file" in message
+    assert "convert" in message and "UTF-8" in message
+    assert not (tmp_path / "out" / "data").exists() or not shard_paths(tmp_path / "out" / "data")
+
+
+def test_jsonl_with_bom_and_crlf_line_endings_is_read(tmp_path):
+    path = tmp_path / "windows.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"id": "w1", "text": "caf\xc3\xa9"}\r\n\r\n'
+                     + b'{"id": "w2", "text": "two"}\r\n')
+    result, docs = ingest(tmp_path, path)
+    assert result["count"] == 2 and docs["w1"]["text"] == "café"
+    assert docs["w2"]["url"] == path.resolve().as_uri() + "#L3"
