@@ -43,6 +43,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from presidio_anonymizer import AnonymizerEngine
+
 from tasks import pii
 from tasks.pii import PiiConfig, Scrubber, scrub_pii
 from tasks.shard_runner import ProcessPoolMapper
@@ -195,7 +197,7 @@ def main() -> None:
     scrubber = Scrubber(plan.engine, plan.entities, config.score_threshold, config.placeholder,
                         config.max_chars_per_chunk, config.batch_size)
     analyzer = plan.engine.analyzer.analyzer_engine  # the same recognizers and NLP engine
-    anonymizer = pii.presidio().AnonymizerEngine()
+    anonymizer = AnonymizerEngine()
 
     def baseline(batch: list[str]) -> list[str]:
         outputs = []

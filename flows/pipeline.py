@@ -67,7 +67,8 @@ def data_flow(config: PipelineConfig, ctx: RunContext,
 @flow(name="forgeline-train")
 def train_flow(config: PipelineConfig, ctx: RunContext, corpus: Manifest,
                until: StageName | None = None) -> dict[str, Manifest]:
-    """tokenize -> pretrain -> finetune."""
+    """tokenize -> pretrain -> finetune. Tokenize encodes each shard as a task run on this
+    flow's task runner (``execution``); training runs in this process."""
     forward_stage_logs()
     out = {"tokenize": tokenize_stage(config, corpus, ctx)}
     if _reached("pretrain", until):
@@ -189,7 +190,9 @@ def pipeline(config: PipelineConfig = PipelineConfig(),  # noqa: B008 (the UI fo
             tracker.log_artifact(parent_id, path, artifact_path="data_report")
         corpus = next(m for m in reversed(stages.values()) if not m.get("skipped"))
         if not _reached("tokenize", until):
-            stages.update(train_flow(config, ctx, corpus, until))
+            with api_url_for_workers():
+                stages.update(train_flow.with_options(task_runner=task_runner(
+                    config.execution))(config, ctx, corpus, until))
         if not _reached("evaluate", until):
             stages.update(evaluate_flow(config, ctx, stages))
         metrics = headline_metrics(stages)

@@ -23,6 +23,7 @@ import tasks.filter
 import tasks.finetune
 import tasks.minhash
 import tasks.pii
+import tasks.pii_engine
 import tasks.pretrain
 import tasks.shard_runner
 import tasks.shards
@@ -165,17 +166,19 @@ extract_stage = _data_stage("extract", tasks.extract.extract_text, [tasks.extrac
 filter_stage = _data_stage("filter", tasks.filter.filter_documents, [tasks.filter])
 dedup_stage = _data_stage("dedup", tasks.dedup.deduplicate, [tasks.dedup, tasks.minhash])
 # Installing a spaCy NER model changes what the pii stage finds, so it is part of the key.
-pii_stage = _data_stage("pii", tasks.pii.scrub_pii, [tasks.pii], lambda section: {
+pii_stage = _data_stage("pii", tasks.pii.scrub_pii, [tasks.pii, tasks.pii_engine], lambda section: {
     "ner_model": section.spacy_model if tasks.pii.model_installed(section.spacy_model) else None})
 
 MODEL_CODE = [Path(models.__file__).parent]
 
 
-@task(name="tokenize", retries=1, **RETRIES)
 def tokenize_stage(config: PipelineConfig, corpus: Manifest, ctx: RunContext) -> Manifest:
+    """Train the tokenizer here, then encode the shards as task runs on the train flow's
+    task runner (``execution``), joined in shard order."""
     return run_tracked(
         ctx, "tokenize", config.tokenize,
-        lambda out, _: tasks.tokenize.tokenize_corpus(config.tokenize, Path(corpus["output"]), out),
+        lambda out, _: tasks.tokenize.tokenize_corpus(
+            config.tokenize, Path(corpus["output"]), out, mapper=prefect_mapper),
         inputs=[corpus], code=[tasks.tokenize])
 
 

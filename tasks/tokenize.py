@@ -18,17 +18,20 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
+import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.progress import progress
-from tasks.shards import atomic_path, count_records, iter_records, write_text_atomic
+from tasks.shard_runner import Mapper, serial_mapper
+from tasks.shards import (
+    atomic_path,
+    count_records,
+    iter_records,
+    shard_paths,
+    write_text_atomic,
+)
 from tasks.stage import StageInputError
-
-if TYPE_CHECKING:  # loaded by the functions that use them, not with the config
-    import numpy as np
-    import sentencepiece as spm
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +79,12 @@ def is_validation(doc_id: str, val_fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
 
 
-def split_ids(input_dir: Path, val_fraction: float) -> tuple[set[str], int]:
-    """Validation ids and the number of documents; forces one validation document if the
-    hash picked none, so a small corpus still gets a validation set."""
+def split_ids(input_dir: Path, val_fraction: float
+              ) -> tuple[set[str], int, dict[str, bool]]:
+    """Validation ids, the number of documents, and the id forced into training (if any).
+
+    One validation document is forced if the hash picked none, so a small corpus still
+    gets a validation set; and one training document if the hash picked them all."""
     val_ids: set[str] = set()
     total, smallest = 0, None
     for record in iter_records(input_dir, columns=["id"]):
@@ -93,11 +99,13 @@ def split_ids(input_dir: Path, val_fraction: float) -> tuple[set[str], int]:
         raise StageInputError(STAGE, f"the corpus in {input_dir} has {total} document(s); at least "
                                      "2 are needed for a train and a validation split. Check that "
                                      "the earlier stages kept documents (see their removed/ folders)")
+    forced_train: dict[str, bool] = {}
     if not val_ids:
         val_ids.add(smallest[1])
     if len(val_ids) == total:
         val_ids.discard(smallest[1])
-    return val_ids, total
+        forced_train[smallest[1]] = False
+    return val_ids, total, forced_train
 
 
 def training_lines(text: str, max_bytes: int):
@@ -176,43 +184,61 @@ def train_tokenizer(config: TokenizeConfig, text_path: Path, model_prefix: Path,
                                      f"lines: {message.strip()}") from exc
 
 
-def encode_corpus(sp: spm.SentencePieceProcessor, input_dir: Path, val_ids: set[str],
-                  out_dir: Path, dtype: np.dtype, total: int) -> dict[str, int]:
-    """Encode every document + EOS into train.bin / val.bin; returns token/doc/byte counts."""
-    import numpy as np
+def encode_shard(model_file: str, shard: str, parts_dir: str, val_fraction: float,
+                 exceptions: dict[str, bool], dtype: str) -> dict[str, int]:
+    """The per-shard half of the stage: encode one shard's documents (+ EOS each) into
+    ``parts/<shard>.train.bin`` and ``.val.bin``; its token, document and byte counts.
 
+    A document is held out by the hash of its id (``is_validation``), except the ids in
+    ``exceptions`` (id -> held out), which keep a tiny corpus from having no validation
+    document. The counts file is the shard's completion marker: a finished shard is kept.
+    """
+    import numpy as np
+    import sentencepiece as spm
+
+    shard, parts = Path(shard), Path(parts_dir)
+    done = parts / f"{shard.stem}.json"
+    if done.exists():
+        return json.loads(done.read_text(encoding="utf-8"))
+    sp = spm.SentencePieceProcessor(model_file=model_file)
     counts = {"train_tokens": 0, "val_tokens": 0, "train_documents": 0, "val_documents": 0,
               "train_bytes": 0, "val_bytes": 0}
     threads = os.cpu_count() or 1
-    with atomic_path(out_dir / "train.bin") as train_tmp, \
-            atomic_path(out_dir / "val.bin") as val_tmp, \
+    with atomic_path(parts / f"{shard.stem}.train.bin") as train_tmp, \
+            atomic_path(parts / f"{shard.stem}.val.bin") as val_tmp, \
             open(train_tmp, "wb") as train_fh, open(val_tmp, "wb") as val_fh:
         files = {"train": train_fh, "val": val_fh}
-        batch: list[dict] = []
-        bar = progress(iter_records(input_dir, columns=["id", "text"]), desc="tokenize",
-                       unit="doc", total=total)
-
-        def flush() -> None:
-            texts = [r["text"] or "" for r in batch]
-            for record, text, ids in zip(batch, texts, sp.encode(texts, num_threads=threads)):
-                side = "val" if str(record["id"]) in val_ids else "train"
-                ids.append(EOS_ID)
-                files[side].write(np.asarray(ids, dtype=dtype).tobytes())
-                counts[f"{side}_tokens"] += len(ids)
+        for batch in pq.ParquetFile(shard).iter_batches(batch_size=ENCODE_BATCH,
+                                                        columns=["id", "text"]):
+            ids = [str(i) for i in batch.column("id").to_pylist()]
+            texts = [text or "" for text in batch.column("text").to_pylist()]
+            for doc_id, text, tokens in zip(ids, texts, sp.encode(texts, num_threads=threads)):
+                held_out = exceptions.get(doc_id, is_validation(doc_id, val_fraction))
+                side = "val" if held_out else "train"
+                tokens.append(EOS_ID)
+                files[side].write(np.asarray(tokens, dtype=dtype).tobytes())
+                counts[f"{side}_tokens"] += len(tokens)
                 counts[f"{side}_documents"] += 1
                 counts[f"{side}_bytes"] += len(text.encode("utf-8"))
-            batch.clear()
-
-        for record in bar:
-            batch.append(record)
-            if len(batch) >= ENCODE_BATCH:
-                flush()
-        flush()
+    write_text_atomic(done, json.dumps(counts))
     return counts
 
 
-def tokenize_corpus(config: TokenizeConfig, input_dir: Path, out_dir: Path) -> dict:
-    """Train the tokenizer on the training documents and write the token bins and meta.json."""
+def join_parts(parts_dir: Path, stems: list[str], out_dir: Path) -> None:
+    """Concatenate the shards' token files, in shard order, into train.bin and val.bin."""
+    for side in ("train", "val"):
+        with atomic_path(out_dir / f"{side}.bin") as tmp, open(tmp, "wb") as out:
+            for stem in stems:
+                with open(parts_dir / f"{stem}.{side}.bin", "rb") as part:
+                    shutil.copyfileobj(part, out, 1 << 20)
+
+
+def tokenize_corpus(config: TokenizeConfig, input_dir: Path, out_dir: Path,
+                    mapper: Mapper | None = None) -> dict:
+    """Train the tokenizer on the training documents and write the token bins and meta.json.
+
+    The tokenizer is trained once, on the training documents' lines; the shards are then
+    encoded one task per shard (``mapper``) and joined in shard order."""
     import numpy as np
     import sentencepiece as spm
 
@@ -223,7 +249,7 @@ def tokenize_corpus(config: TokenizeConfig, input_dir: Path, out_dir: Path) -> d
         raise StageInputError(STAGE, f"no documents in {input_dir}: the corpus is empty. Check "
                                      "the earlier stages' counts (filter/dedup may have removed "
                                      "everything)")
-    val_ids, total = split_ids(input_dir, config.val_fraction)
+    val_ids, total, forced_train = split_ids(input_dir, config.val_fraction)
 
     with tempfile.TemporaryDirectory(prefix="forgeline-tokenize-") as tmp:
         text_path = Path(tmp) / "train.txt"
@@ -242,7 +268,19 @@ def tokenize_corpus(config: TokenizeConfig, input_dir: Path, out_dir: Path) -> d
     sp = spm.SentencePieceProcessor(model_file=str(out_dir / "tokenizer.model"))
     vocab_size = sp.get_piece_size()
     dtype = np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
-    counts = encode_corpus(sp, input_dir, val_ids, out_dir, dtype, total)
+    # the ids whose side is not the one their hash gives (a corpus too small for the hash
+    # to pick any validation document, or to leave any training document)
+    exceptions = {doc_id: True for doc_id in val_ids
+                  if not is_validation(doc_id, config.val_fraction)}
+    exceptions.update(forced_train)
+    shards = shard_paths(input_dir)
+    parts = (mapper or serial_mapper)(
+        "tokenize", encode_shard,
+        [(str(out_dir / "tokenizer.model"), str(shard), str(out_dir / "parts"),
+          config.val_fraction, exceptions, dtype.name) for shard in shards])
+    join_parts(out_dir / "parts", [shard.stem for shard in shards], out_dir)
+    shutil.rmtree(out_dir / "parts")  # the joined files hold the same tokens
+    counts = {key: sum(part[key] for part in parts) for key in parts[0]}
     meta = {"dtype": dtype.name, "vocab_size": vocab_size, "bos_id": sp.bos_id(),
             "eos_id": sp.eos_id(), "pad_id": sp.pad_id(), "unk_id": sp.unk_id(),
             "model_type": config.model_type, **counts}

@@ -89,3 +89,22 @@ def test_vocabulary_too_small_for_the_characters_says_to_raise_it(tmp_path):
                                               r"tokenize.vocab_size above \d+"):
         tokenize_corpus(TokenizeConfig(vocab_size=100), tmp_path / "in", tmp_path / "out")
     assert not (tmp_path / "out" / "tokenizer.model").exists()
+
+
+def test_shards_encode_in_parallel_to_the_same_bins(tmp_path):
+    """The per-shard half: encoded one task per shard (here in 2 processes) and joined in
+    shard order, the token files are those of one process, whatever the sharding."""
+    from tasks.shard_runner import ProcessPoolMapper
+
+    records = [{"id": f"d{i}", "text": f"Document {i} talks about rivers and bridges. " * 5,
+                "url": f"http://h/{i}"} for i in range(60)]
+    write_records(records, tmp_path / "small", shard_size=7)
+    write_records(records, tmp_path / "one", shard_size=1000)
+    config = TokenizeConfig(vocab_size=320, val_fraction=0.2)
+    tokenize_corpus(config, tmp_path / "one", tmp_path / "serial")
+    with ProcessPoolMapper(2) as mapper:
+        tokenize_corpus(config, tmp_path / "small", tmp_path / "parallel", mapper=mapper)
+    for name in ("train.bin", "val.bin", "tokenizer.vocab", "val_ids.json"):
+        assert (tmp_path / "serial" / name).read_bytes() == \
+            (tmp_path / "parallel" / name).read_bytes(), name
+    assert not (tmp_path / "parallel" / "parts").exists()
