@@ -176,7 +176,7 @@ def run_stage(records: list[dict], config: PiiConfig, workers: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--docs", type=int, default=3000)
+    parser.add_argument("--docs", type=int, default=6000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--numbers", type=float, default=NUMBERS_SHARE,
                         help="share of sentences with a number that is not personal data")

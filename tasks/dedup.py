@@ -7,9 +7,10 @@ so that memory is bounded by a shard or a band, never by the corpus:
    digest of the whole text (exact duplicates) and a MinHash signature of its word
    shingles (``tasks.minhash``, vectorized), cut into LSH bands. Signatures, band hashes
    and digests are stored beside the shard in ``minhash/``.
-2. **buckets** (one task per band, and one for the digests): all documents' hashes of one
-   band are sorted, and each run of equal hashes gives candidate pairs (each member with
-   the run's first document).
+2. **buckets** (one task per band, and one for the digests; on a corpus of more than
+   ``BUCKET_DOCUMENTS`` documents, one per hash range of each): the hashes of one band are
+   sorted, and each run of equal hashes gives candidate pairs (each member with the run's
+   first document).
 3. **clusters** (one task): candidate pairs are confirmed by their estimated Jaccard
    similarity (the fraction of equal signature values; signatures are read from disk
    for the pairs only), then union-find joins confirmed pairs and exact pairs into
@@ -86,6 +87,8 @@ class DedupConfig(BaseModel):
 
 # Documents whose signatures are computed together (bounds the scratch arrays).
 SIGNATURE_BATCH = 512
+# Hashes one bucket task sorts at most (16 bytes each with their positions: ~64 MB).
+BUCKET_DOCUMENTS = 1 << 22
 EXACT = "exact"
 
 
@@ -122,12 +125,25 @@ def signature_shard(config: DedupConfig, shard: str, work: str) -> dict:
     return result
 
 
-def bucket_pairs(work: str, stems: list[str], offsets: list[int], band: int | str) -> str:
-    """Step 2 for one band (or ``"exact"`` for the digests): the candidate pairs of
-    documents with equal hashes, as global positions, into ``work/pairs``."""
-    out = Path(work) / "pairs" / f"{band if band == EXACT else f'band-{band:03d}'}.npy"
+def bucket_parts(documents: int) -> int:
+    """Hash-range parts each band is split into, so that one bucket task sorts at most
+    about ``BUCKET_DOCUMENTS`` hashes (a power of two: parts are ranges of the top bits)."""
+    parts = 1
+    while documents > parts * BUCKET_DOCUMENTS:
+        parts *= 2
+    return parts
+
+
+def bucket_pairs(work: str, stems: list[str], offsets: list[int], band: int | str,
+                 part: int = 0, parts: int = 1) -> str:
+    """Step 2 for one band (or ``"exact"`` for the digests), or one hash range of it: the
+    candidate pairs of documents with equal hashes, as global positions, into
+    ``work/pairs``. Memory: 16 bytes per document whose hash falls in the range."""
+    name = EXACT if band == EXACT else f"band-{band:03d}"
+    out = Path(work) / "pairs" / f"{name}-{part:04d}.npy"
     if out.exists():
         return str(out)
+    shift = np.uint64(64 - (parts.bit_length() - 1))
     hashes, index = [], []
     for stem, offset in zip(stems, offsets):
         folder = Path(work) / "minhash"
@@ -135,9 +151,11 @@ def bucket_pairs(work: str, stems: list[str], offsets: list[int], band: int | st
             values = np.load(folder / f"{stem}.digests.npy")
             keep = np.ones(len(values), bool)
         else:
-            values = np.load(folder / f"{stem}.bands.npy", mmap_mode="r")[band]
+            values = np.asarray(np.load(folder / f"{stem}.bands.npy", mmap_mode="r")[band])
             keep = np.load(folder / f"{stem}.words.npy")
-        hashes.append(np.asarray(values)[keep])
+        if parts > 1:
+            keep &= (values >> shift) == part
+        hashes.append(values[keep])
         index.append(np.flatnonzero(keep) + offset)
     pairs = minhash.equal_hash_pairs(np.concatenate(hashes), np.concatenate(index))
     _save_array(out, pairs)
@@ -184,8 +202,8 @@ def cluster_documents(config: DedupConfig, work: str, stems: list[str], offsets:
         return json.loads(done.read_text(encoding="utf-8"))
     total = offsets[-1] if offsets else 0
     signatures = _Signatures(work, stems, offsets[:-1])
-    near = [np.load(f) for f in pair_files if Path(f).stem != EXACT]
-    exact = [np.load(f) for f in pair_files if Path(f).stem == EXACT]
+    near = [np.load(f) for f in pair_files if not Path(f).stem.startswith(EXACT)]
+    exact = [np.load(f) for f in pair_files if Path(f).stem.startswith(EXACT)]
     candidates = np.unique(np.concatenate(near), axis=0) if near else np.zeros((0, 2), np.int64)
     similarity = signatures.similarity(candidates[:, 0], candidates[:, 1])
     confirmed = candidates[similarity >= config.threshold]
@@ -284,8 +302,10 @@ def deduplicate(config: DedupConfig, input_dir: Path, out_dir: Path,
     offsets = np.concatenate([[0], np.cumsum([s["rows"] for s in sizes])]).tolist()
     stems = [Path(shard).stem for shard in shards]
     buckets = ([EXACT] if config.exact else []) + (list(range(bands)) if config.near else [])
+    parts = bucket_parts(offsets[-1])
     pair_files = mapper("dedup-buckets", bucket_pairs,
-                        [(work, stems, offsets[:-1], band) for band in buckets])
+                        [(work, stems, offsets[:-1], band, part, parts)
+                         for band in buckets for part in range(parts)])
     clusters = mapper("dedup-clusters", cluster_documents,
                       [(config, work, stems, offsets, pair_files, shards)])[0]
     result = run_sharded(DedupStep, (config, work), input_dir, out_dir, mapper)

@@ -60,3 +60,16 @@ def test_images_install_cpu_torch_and_the_project():
     for name in ("Dockerfile", "Dockerfile.cuda"):
         text = (DOCKER / name).read_text()
         assert "torch>=2.5,<2.14" in text and "pip install -e ." in text
+
+
+def test_dask_workers_share_the_work_directory_and_find_the_scheduler():
+    """The optional Dask cluster: workers see the data volume where the flow's worker does,
+    report to Prefect, and connect to the scheduler service."""
+    worker, flow_worker = SERVICES["dask-worker"], SERVICES["worker"]
+    assert "dask worker tcp://dask-scheduler:8786" in worker["command"]
+    assert "--nthreads 1" in worker["command"]
+    assert worker["volumes"] == flow_worker["volumes"]
+    assert worker["working_dir"] == flow_worker["working_dir"]
+    assert worker["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+    assert "--port 8786" in SERVICES["dask-scheduler"]["command"]
+    assert SERVICES["dask-scheduler"]["profiles"] == worker["profiles"] == ["dask"]

@@ -114,3 +114,21 @@ def test_survivor_is_the_first_in_corpus_order_whatever_the_sharding(tmp_path):
     for ids in groups:
         survivors = [i for i in ids if i in kept]
         assert survivors == [min(ids, key=order.get)]
+
+
+def test_buckets_split_into_hash_ranges_give_the_same_result(tmp_path, monkeypatch):
+    """A corpus too big for one bucket task per band is split by hash range: same output."""
+    from tasks import dedup
+
+    records, _, _ = labelled_set(clusters=40, unrelated=30, overlapping_pairs=10)
+    outputs = []
+    for limit in (dedup.BUCKET_DOCUMENTS, 16):
+        monkeypatch.setattr(dedup, "BUCKET_DOCUMENTS", limit)
+        folder = tmp_path / str(limit)
+        write_records(records, folder / "in", shard_size=50)
+        deduplicate(DedupConfig(), folder / "in", folder / "out")
+        outputs.append([(r["id"], r.get("duplicate_of")) for r in
+                        iter_records(folder / "out" / "removed")])
+    assert dedup.bucket_parts(len(records)) == 16 and len(list(
+        (tmp_path / "16" / "out" / "pairs").glob("band-000-*.npy"))) == 16
+    assert outputs[0] == outputs[1] and outputs[0]
