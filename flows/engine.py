@@ -78,13 +78,13 @@ def api_url_for_workers() -> Iterator[None]:
             del os.environ["PREFECT_API_URL"]
 
 
-def _retry_unless_input_error(task, task_run, state) -> bool:
+def retry_unless_input_error(task, task_run, state) -> bool:
     """Bad input will be just as bad next time: retry only other failures."""
     return not isinstance(getattr(state, "data", None), StageInputError)
 
 
 @task(name="shard", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE,
-      retry_condition_fn=_retry_unless_input_error)
+      retry_condition_fn=retry_unless_input_error)
 def shard_task(function: Callable[..., Any], arguments: tuple) -> Any:
     """One item of a stage (a shard, a band, ...): finished items are skipped inside."""
     return function(*arguments)

@@ -30,7 +30,7 @@ import tasks.shards
 import tasks.sources
 import tasks.tokenize
 from flows.config import PipelineConfig, flatten
-from flows.engine import _retry_unless_input_error, prefect_mapper
+from flows.engine import prefect_mapper, retry_unless_input_error
 from flows.tracking import Tracker
 from tasks.stage import load_manifest, run_stage_in, stage_dir
 
@@ -46,7 +46,7 @@ class RunContext(BaseModel):
     parent_run_id: str
 
 
-RETRIES = {"retry_condition_fn": _retry_unless_input_error, "cache_policy": NO_CACHE}
+RETRIES = {"retry_condition_fn": retry_unless_input_error, "cache_policy": NO_CACHE}
 
 
 # A new release of one of these can change a stage's output, so its version is in the key.

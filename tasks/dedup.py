@@ -253,15 +253,22 @@ def _ids_at(positions: np.ndarray, shards: list[str], offsets: list[int]) -> dic
     return found
 
 
+class RemovalSettings(BaseModel):
+    """What step 4 needs: the stage's settings and where step 3 wrote its decisions."""
+
+    dedup: DedupConfig
+    work: str
+
+
 class DedupStep(ShardStep):
     """Step 4: drop the documents step 3 found to duplicate an earlier survivor."""
 
     name = "dedup"
     batch_size = 1024
 
-    def __init__(self, config: tuple[DedupConfig, str]):
-        super().__init__(config[0])
-        self.work = Path(config[1])
+    def __init__(self, config: RemovalSettings):
+        super().__init__(config)
+        self.work = Path(config.work)
 
     def open_shard(self, shard: str) -> None:
         table = pq.read_table(self.work / "decisions" / f"{Path(shard).stem}.parquet")
@@ -308,7 +315,8 @@ def deduplicate(config: DedupConfig, input_dir: Path, out_dir: Path,
                          for band in buckets for part in range(parts)])
     clusters = mapper("dedup-clusters", cluster_documents,
                       [(config, work, stems, offsets, pair_files, shards)])[0]
-    result = run_sharded(DedupStep, (config, work), input_dir, out_dir, mapper)
+    result = run_sharded(DedupStep, RemovalSettings(dedup=config, work=work), input_dir,
+                         out_dir, mapper)
     stats = result["stats"]
     for reason in ("exact_duplicate", "near_duplicate"):
         stats.setdefault(f"removed_{reason}", 0)
