@@ -165,6 +165,7 @@ def cmd_run(args) -> int:
 
     from flows.pipeline import pipeline
     from tasks.stage import StageInputError
+    from tasks.training import TrainingInterrupted
 
     install_log_redaction()  # logs of Prefect, MLflow and the stages show no credentials
     started = time.perf_counter()
@@ -175,6 +176,9 @@ def cmd_run(args) -> int:
         return _fail(str(exc), 2)
     except KeyboardInterrupt:
         return _fail("interrupted; finished stages are kept and will be reused", 130)
+    except TrainingInterrupted as exc:  # SIGTERM/SIGINT while training: checkpoint written
+        _stop_temporary_prefect_server()
+        return _fail(f"{exc}; finished stages are kept and will be reused", 130)
     except Exception as exc:  # noqa: BLE001 - shown as Python would (exit code 1), masked
         _stop_temporary_prefect_server()  # so that the traceback comes last
         sys.stderr.write(redact_secrets("".join(traceback.format_exception(exc))))

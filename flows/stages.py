@@ -29,6 +29,7 @@ import tasks.shard_runner
 import tasks.shards
 import tasks.sources
 import tasks.tokenize
+import tasks.training
 from flows.config import PipelineConfig, flatten
 from flows.engine import prefect_mapper, retry_unless_input_error
 from flows.tracking import Tracker
@@ -188,7 +189,7 @@ def pretrain_stage(config: PipelineConfig, tokens: Manifest, ctx: RunContext) ->
         ctx, "pretrain", config.pretrain,
         lambda out, on_metrics: tasks.pretrain.pretrain(
             config.pretrain, Path(tokens["output"]), out, on_metrics=on_metrics),
-        inputs=[tokens], code=[tasks.pretrain, *MODEL_CODE])
+        inputs=[tokens], code=[tasks.pretrain, tasks.training, *MODEL_CODE], resumable=True)
 
 
 @task(name="finetune", **RETRIES)
@@ -201,7 +202,8 @@ def finetune_stage(config: PipelineConfig, tokens: Manifest, pretrained: Manifes
         lambda out, on_metrics: tasks.finetune.finetune(
             config.finetune, Path(tokens["output"]), Path(pretrained["output"]),
             Path(corpus["output"]), out, on_metrics=on_metrics),
-        inputs=[tokens, pretrained, corpus], code=[tasks.finetune, tasks.tokenize, *MODEL_CODE],
+        inputs=[tokens, pretrained, corpus], resumable=True,
+        code=[tasks.finetune, tasks.tokenize, tasks.training, *MODEL_CODE],
         extra_key=extra)
 
 

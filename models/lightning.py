@@ -114,6 +114,20 @@ class MetricsCallback(Callback):
         self.train_seconds = 0.0
         self._step_started: float | None = None
 
+    def state_dict(self) -> dict:
+        """Kept in checkpoints, so a resumed run's loss curve and totals start where the
+        interrupted run stopped."""
+        return {"train_history": self.train_history, "val_history": self.val_history,
+                "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
+                "last_step": self._last_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.train_history = [tuple(p) for p in state.get("train_history", [])]
+        self.val_history = [tuple(p) for p in state.get("val_history", [])]
+        self.tokens_seen = state.get("tokens_seen", 0)
+        self.train_seconds = state.get("train_seconds", 0.0)
+        self._last_step = state.get("last_step", 0)
+
     def _emit(self, metrics: dict[str, float], step: int) -> None:
         if self.on_metrics is not None:
             self.on_metrics(metrics, step)

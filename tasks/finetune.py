@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
@@ -23,9 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models.config import Accelerator, Precision
 from tasks.pretrain import copy_tokenizer
-from tasks.shards import iter_records, write_text_atomic
+from tasks.shards import iter_records
 from tasks.stage import StageInputError
 from tasks.tokenize import is_validation, read_val_ids
+from tasks.training import ResumeSampler, TrainSettings, finish_model, run_training
 
 if TYPE_CHECKING:  # torch and Lightning load when training starts, not with the config
     from models.data import Pair
@@ -81,6 +81,12 @@ class FinetuneConfig(BaseModel):
         20, ge=1, description="Measure the held-out loss every this many steps.")
     log_every_steps: int = Field(
         5, ge=1, description="Report train loss and learning rate every N steps.")
+    checkpoint_every_steps: int = Field(
+        50, ge=1, description="Write a checkpoint every N optimizer steps, and on SIGTERM or "
+                              "SIGINT; a rerun of an interrupted run resumes from the "
+                              "newest one.")
+    keep_checkpoints: int = Field(
+        2, ge=1, description="Step checkpoints kept while training; best.ckpt is kept too.")
     precision: Precision = Field(
         "auto", description="Lightning precision: 'auto' = 'bf16-mixed' on a CUDA GPU with "
                             "bf16, else '32-true'.")
@@ -180,23 +186,27 @@ def split_pairs(pairs: list[tuple[str, Pair]], val_fraction: float,
     return [p for _, p in train], [p for _, p in val]
 
 
+def pair_order(pairs: int, samples: int, seed: int) -> list[int]:
+    """``samples`` indices into ``pairs`` items: seeded permutations, one per epoch."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    epochs = -(-samples // pairs)
+    return np.concatenate([rng.permutation(pairs) for _ in range(epochs)])[:samples].tolist()
+
+
 def finetune(config: FinetuneConfig, tokenized_dir: Path, pretrained_dir: Path,
              corpus_dir: Path, out_dir: Path, on_metrics: MetricsFn | None = None) -> dict:
     """Fine-tune the pretrained model on response tokens; returns losses before and after."""
     import lightning as L
     import sentencepiece as spm
-    from torch.utils.data import DataLoader
+    import torch
+    from torch.utils.data import DataLoader, Subset
 
-    from models.checkpoint import load_model, save_model
+    from models.checkpoint import load_model
     from models.data import SFTDataset, collate_trimmed, read_meta
-    from models.evaluation import evaluate_loss, pick_device, plot_loss_curve
-    from models.lightning import (
-        MetricsCallback,
-        SupervisedFineTuning,
-        make_trainer,
-        resolve_precision,
-        set_threads,
-    )
+    from models.evaluation import evaluate_loss, pick_device
+    from models.lightning import SupervisedFineTuning, resolve_precision, set_threads
 
     tokenized_dir, pretrained_dir, out_dir = Path(tokenized_dir), Path(pretrained_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -227,18 +237,25 @@ def finetune(config: FinetuneConfig, tokenized_dir: Path, pretrained_dir: Path,
                                   collate_trimmed)
     module = SupervisedFineTuning(model, config.learning_rate, config.weight_decay,
                                   config.warmup_steps, config.max_steps, config.min_lr_ratio)
-    callback = MetricsCallback(on_metrics, config.log_every_steps, name="finetune")
-    trainer = make_trainer(
-        max_steps=config.max_steps, grad_accum=1, grad_clip=config.grad_clip,
-        val_every_steps=config.val_every_steps, precision=resolve_precision(
-            config.precision, config.accelerator), accelerator=config.accelerator,
-        devices=config.devices, strategy="auto", callbacks=[callback], root_dir=out_dir)
-    started = time.perf_counter()
-    trainer.fit(module,
-                DataLoader(train_data, batch_size=config.batch_size, shuffle=True,
-                           collate_fn=collate_trimmed, drop_last=len(train_data) >= config.batch_size),
-                DataLoader(val_data, batch_size=config.batch_size, collate_fn=collate_trimmed))
-    seconds = time.perf_counter() - started
+    precision = resolve_precision(config.precision, config.accelerator)
+    resolved = {"model": model.config.to_dict(), "finetune": config.model_dump(mode="json"),
+                "pretrained_from": str(pretrained_dir.resolve()),
+                "pairs_train": len(train_data), "pairs_val": len(val_data)}
+    # the order of pairs for the whole run, fixed up front (epochs of seeded permutations),
+    # so a resumed run continues it exactly
+    order = pair_order(len(train_data), config.max_steps * config.batch_size, config.seed)
+    ordered = Subset(train_data, order)
+
+    def train_loader(samples_seen: int) -> DataLoader:
+        return DataLoader(ordered, batch_size=config.batch_size, collate_fn=collate_trimmed,
+                          sampler=ResumeSampler(samples_seen, len(ordered)),
+                          generator=torch.Generator().manual_seed(config.seed))
+
+    val_loader = DataLoader(val_data, batch_size=config.batch_size, collate_fn=collate_trimmed,
+                            generator=torch.Generator().manual_seed(config.seed))
+    outcome = run_training(TrainSettings.of(config, "finetune", precision), module,
+                           train_loader, val_loader, out_dir, resolved, on_metrics)
+    trainer, callback, seconds = outcome.trainer, outcome.callback, outcome.seconds
     val_after, val_tokens = evaluate_loss(model.to(device), val_data, config.batch_size, device,
                                           collate_trimmed)
 
@@ -249,16 +266,12 @@ def finetune(config: FinetuneConfig, tokenized_dir: Path, pretrained_dir: Path,
              "(%d tokens); train loss %.3f -> %.3f", trainer.global_step, seconds, val_before,
              val_after, val_tokens, first, final)
 
-    save_model(out_dir / "model.pt", model.cpu(), {"prompt_template": config.prompt_template})
     copy_tokenizer(tokenized_dir, out_dir)
-    write_text_atomic(out_dir / "config.json", json.dumps(
-        {"model": model.config.to_dict(), "finetune": config.model_dump(mode="json"),
-         "pretrained_from": str(pretrained_dir.resolve()), "pairs_train": len(train_data),
-         "pairs_val": len(val_data)}, indent=2))
     val_points = [p for p in callback.val_history if p[0] != trainer.global_step]
-    plot_loss_curve(out_dir / "loss_curve.png", callback.train_history,
-                    [(0, val_before), *val_points, (trainer.global_step, val_after)],
-                    "fine-tuning (response tokens only)")
+    finish_model(outcome, model, out_dir, resolved,
+                 [(0, val_before), *val_points, (trainer.global_step, val_after)],
+                 "fine-tuning (response tokens only)",
+                 extra={"prompt_template": config.prompt_template})
     return {
         "count": trainer.global_step,
         "unit": "steps",
@@ -269,4 +282,5 @@ def finetune(config: FinetuneConfig, tokenized_dir: Path, pretrained_dir: Path,
                   "seconds": round(seconds, 2)},
         "artifacts": {"model": "model.pt", "config": "config.json",
                       "tokenizer_model": "tokenizer.model", "loss_curve": "loss_curve.png"},
+        "resumed_from_step": outcome.resumed_from,
     }

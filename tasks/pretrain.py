@@ -8,19 +8,18 @@ loadable without Lightning), the resolved ``config.json``, the tokenizer and a l
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from models.config import Accelerator, ModelConfig, Precision, check_strategy
-from tasks.shards import atomic_path, write_text_atomic
+from tasks.shards import atomic_path
 from tasks.stage import StageInputError
+from tasks.training import ResumeSampler, TrainSettings, finish_model, run_training
 
 if TYPE_CHECKING:  # torch and Lightning load when training starts, not with the config
     from models.lightning import MetricsFn
@@ -91,6 +90,14 @@ class PretrainConfig(BaseModel):
         0, ge=0, description="CPU threads for torch; 0 = torch's default (all cores).")
     log_every_steps: int = Field(
         10, ge=1, description="Report train loss, learning rate and tokens/s every N steps.")
+    checkpoint_every_steps: int = Field(
+        100, ge=1, description="Write a checkpoint (weights, optimizer, schedule, RNG and "
+                               "data position) every N optimizer steps, and on SIGTERM or "
+                               "SIGINT; a rerun of an interrupted run resumes from the "
+                               "newest one.")
+    keep_checkpoints: int = Field(
+        2, ge=1, description="Step checkpoints kept while training (older ones are "
+                             "deleted); best.ckpt, the best validation loss, is kept too.")
 
     _strategy = field_validator("strategy")(check_strategy)
 
@@ -132,18 +139,12 @@ def pretrain(config: PretrainConfig, tokenized_dir: Path, out_dir: Path,
              on_metrics: MetricsFn | None = None) -> dict:
     """Train a fresh model on ``tokenized_dir``'s train.bin; returns steps and final losses."""
     import lightning as L
+    import torch
     from torch.utils.data import DataLoader
 
-    from models.checkpoint import save_model
     from models.data import RandomWindows, StridedWindows, read_meta
-    from models.evaluation import evaluate_loss, plot_loss_curve
-    from models.lightning import (
-        CausalLM,
-        MetricsCallback,
-        make_trainer,
-        resolve_precision,
-        set_threads,
-    )
+    from models.evaluation import evaluate_loss
+    from models.lightning import CausalLM, resolve_precision, set_threads
     from models.llama import Llama
 
     tokenized_dir, out_dir = Path(tokenized_dir), Path(out_dir)
@@ -170,16 +171,25 @@ def pretrain(config: PretrainConfig, tokenized_dir: Path, out_dir: Path,
              config.batch_size * config.grad_accum, config.context_length, config.accelerator,
              precision)
 
-    callback = MetricsCallback(on_metrics, config.log_every_steps, name="pretrain")
-    trainer = make_trainer(
-        max_steps=config.max_steps, grad_accum=config.grad_accum, grad_clip=config.grad_clip,
-        val_every_steps=min(config.val_every_steps, config.max_steps), precision=precision,
-        accelerator=config.accelerator, devices=config.devices, strategy=config.strategy,
-        callbacks=[callback], root_dir=out_dir)
-    started = time.perf_counter()
-    trainer.fit(module, DataLoader(train_data, batch_size=config.batch_size, shuffle=False),
-                DataLoader(val_data, batch_size=config.batch_size))
-    seconds = time.perf_counter() - started
+    resolved = {"model": model_config.to_dict(), "training": config.model_dump(mode="json"),
+                "resolved": {"precision": precision}, "tokenizer": meta,
+                "params": model.num_params()}
+    settings = TrainSettings.of(config, "pretrain", precision)
+
+    def train_loader(samples_seen: int) -> DataLoader:
+        return DataLoader(train_data, batch_size=config.batch_size,
+                          sampler=ResumeSampler(samples_seen, len(train_data)),
+                          generator=torch.Generator().manual_seed(config.seed))
+
+    # the loaders' own generators: starting one then draws nothing from the global RNG,
+    # whose sequence (dropout) a resumed run must continue exactly
+    val_loader = DataLoader(val_data, batch_size=config.batch_size,
+                            generator=torch.Generator().manual_seed(config.seed))
+    outcome = run_training(settings, module, train_loader, val_loader, out_dir, resolved,
+                           on_metrics)
+    trainer, callback, seconds = outcome.trainer, outcome.callback, outcome.seconds
+    resolved["resolved"].update({"accelerator": trainer.accelerator.__class__.__name__,
+                                 "num_devices": trainer.num_devices})
 
     val_loss, _ = evaluate_loss(model, val_data, config.batch_size, module.device)
     train_loss_final = _mean_last(callback.train_history, 10)
@@ -188,17 +198,10 @@ def pretrain(config: PretrainConfig, tokenized_dir: Path, out_dir: Path,
              "(perplexity %.1f)", trainer.global_step, seconds, tokens_per_second,
              train_loss_final, val_loss, math.exp(val_loss))
 
-    save_model(out_dir / "model.pt", model)
     copy_tokenizer(tokenized_dir, out_dir)
-    resolved = {"model": model_config.to_dict(), "training": config.model_dump(mode="json"),
-                "resolved": {"precision": precision, "accelerator": trainer.accelerator.__class__
-                             .__name__, "num_devices": trainer.num_devices},
-                "tokenizer": meta, "params": model.num_params()}
-    write_text_atomic(out_dir / "config.json", json.dumps(resolved, indent=2))
     val_points = [p for p in callback.val_history if p[0] != trainer.global_step]
-    plot_loss_curve(out_dir / "loss_curve.png", callback.train_history,
-                    val_points + [(trainer.global_step, val_loss)],
-                    f"pretraining ({model.num_params() / 1e6:.2f}M parameters)")
+    finish_model(outcome, model, out_dir, resolved, val_points + [(trainer.global_step, val_loss)],
+                 f"pretraining ({model.num_params() / 1e6:.2f}M parameters)")
     return {
         "count": trainer.global_step,
         "unit": "steps",
@@ -208,6 +211,7 @@ def pretrain(config: PretrainConfig, tokenized_dir: Path, out_dir: Path,
                   "tokens_per_second": round(tokens_per_second, 1), "seconds": round(seconds, 2)},
         "artifacts": {"model": "model.pt", "config": "config.json",
                       "tokenizer_model": "tokenizer.model", "loss_curve": "loss_curve.png"},
+        "resumed_from_step": outcome.resumed_from,
     }
 
 

@@ -1,0 +1,299 @@
+"""The one training runner: every training stage goes through ``run_training``.
+
+A stage brings its LightningModule, its data (as a function from "samples already seen"
+to a DataLoader) and its settings; the runner builds the Trainer, checkpoints, resumes,
+forwards metrics, saves the model with its resolved config and plots the loss curve.
+
+Checkpoints (``checkpoints/step-NNNNNN.ckpt`` in the stage's build directory, written to
+a temporary name and renamed) hold Lightning's full state: weights, optimizer, learning
+rate schedule, step counters, the metrics callback's history, and the RNG states. One is
+written every ``checkpoint_every_steps`` optimizer steps and when the process gets
+SIGTERM or SIGINT; the last ``keep_checkpoints`` are kept, and ``best.ckpt`` holds the
+best validation loss. The resolved config sits beside them in ``checkpoints/config.json``.
+
+A run that is killed (even by SIGKILL) and run again finds its newest checkpoint,
+logs ``resuming from step N`` and continues: the data loaders are built to start after
+the samples the checkpoint had consumed (every order is fixed by a seed up front), so no
+batch is repeated or skipped and the losses are those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tasks.shards import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+_STEP_FILE = re.compile(r"step-(\d+)\.ckpt$")
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGTERM/SIGINT after writing a checkpoint; a rerun resumes."""
+
+    def __init__(self, name: str, step: int):
+        super().__init__(f"{name}: interrupted at step {step}; its checkpoint is kept and a "
+                         "rerun resumes from it")
+        self.name, self.step = name, step
+
+    def __reduce__(self):
+        return type(self), (self.name, self.step)
+
+
+@dataclass
+class TrainSettings:
+    """What the runner needs from a stage's config (pretrain and finetune share these)."""
+
+    name: str
+    max_steps: int
+    batch_size: int
+    grad_accum: int
+    grad_clip: float
+    val_every_steps: int
+    precision: str
+    accelerator: str
+    devices: str | int
+    strategy: str
+    log_every_steps: int
+    checkpoint_every_steps: int
+    keep_checkpoints: int
+
+    @classmethod
+    def of(cls, config, name: str, precision: str) -> TrainSettings:
+        """The runner's settings from a stage config (pretrain's, finetune's, ...)."""
+        return cls(
+            name=name, max_steps=config.max_steps, batch_size=config.batch_size,
+            grad_accum=getattr(config, "grad_accum", 1), grad_clip=config.grad_clip,
+            val_every_steps=config.val_every_steps, precision=precision,
+            accelerator=config.accelerator, devices=config.devices,
+            strategy=getattr(config, "strategy", "auto"),
+            log_every_steps=config.log_every_steps,
+            checkpoint_every_steps=config.checkpoint_every_steps,
+            keep_checkpoints=config.keep_checkpoints)
+
+
+@dataclass
+class TrainOutcome:
+    trainer: Any
+    callback: Any
+    seconds: float
+    resumed_from: int  # 0 for a fresh run
+    checkpoints: list[str] = field(default_factory=list)
+
+
+class ResumeSampler:
+    """Indices ``start, start+1, ... total-1`` of a dataset whose order is fixed up front,
+    while reporting the whole length: a resumed Lightning epoch counts its batches from
+    where the checkpoint stopped, so the loader must not look shorter than the run."""
+
+    def __init__(self, start: int, total: int):
+        self.start, self.total = start, total
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.total))
+
+    def __len__(self) -> int:
+        return self.total
+
+
+def checkpoint_files(out_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the step checkpoints in ``out_dir``, oldest first."""
+    found = []
+    for path in (Path(out_dir) / CHECKPOINTS).glob("step-*.ckpt"):
+        match = _STEP_FILE.search(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def _rng_state() -> dict:
+    import numpy as np
+    import torch
+
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    # plain lists and tensors only, so checkpoints load with torch's weights_only=True
+    state = {"python": list(random.getstate()),
+             "numpy": [kind, keys.tolist(), position, has_gauss, gauss],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextmanager
+def _stop_signals() -> Iterator[dict]:
+    """SIGTERM/SIGINT set a flag (checked after each step) instead of killing the run at
+    once, so that a checkpoint is written first. Only the main thread may install them."""
+    flag: dict = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        flag["signal"] = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield flag
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def _checkpoint_callback(settings: TrainSettings, out_dir: Path, stop: dict):
+    from lightning.pytorch.callbacks import Callback
+
+    class StepCheckpoints(Callback):
+        """Atomic checkpoints every N optimizer steps, on a stop signal, and the best."""
+
+        def __init__(self) -> None:
+            self.last_saved = -1
+            self.best = float("inf")
+            self.written: list[str] = []
+
+        def _save(self, trainer, path: Path) -> None:
+            # every rank takes part (Lightning gathers the state); rank zero writes and
+            # renames, so a checkpoint on disk is always complete
+            tmp = path.with_name(f".{path.name}.tmp")
+            trainer.save_checkpoint(tmp, weights_only=False)
+            if trainer.is_global_zero:
+                os.replace(tmp, path)
+            trainer.strategy.barrier()
+
+        def save_step(self, trainer) -> None:
+            step = trainer.global_step
+            if step == self.last_saved:
+                return
+            self._save(trainer, out_dir / CHECKPOINTS / f"step-{step:06d}.ckpt")
+            self.last_saved = step
+            self.written.append(f"step-{step:06d}.ckpt")
+            for _, old in checkpoint_files(out_dir)[:-settings.keep_checkpoints]:
+                old.unlink(missing_ok=True)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if stop.get("rng") is not None:
+                _set_rng_state(stop.pop("rng"))
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            boundary = (batch_idx + 1) % settings.grad_accum == 0
+            step = trainer.global_step
+            if not boundary or step == 0:
+                return
+            if stop["signal"] is not None:
+                self.save_step(trainer)
+                trainer.should_stop = True
+                log.warning("%s: signal %d: wrote a checkpoint at step %d and stopped",
+                            settings.name, stop["signal"], step)
+            elif step % settings.checkpoint_every_steps == 0 and step < settings.max_steps:
+                self.save_step(trainer)
+
+        def on_validation_end(self, trainer, pl_module) -> None:
+            val = trainer.callback_metrics.get("val_loss")
+            if trainer.sanity_checking or val is None or float(val) >= self.best:
+                return
+            self.best = float(val)
+            self._save(trainer, out_dir / CHECKPOINTS / "best.ckpt")
+
+        def state_dict(self) -> dict:
+            return {"best": self.best}
+
+        def load_state_dict(self, state: dict) -> None:
+            self.best = state.get("best", float("inf"))
+
+    return StepCheckpoints()
+
+
+def run_training(settings: TrainSettings, module, train_loader: Callable[[int], Any],
+                 val_loader, out_dir: Path, resolved_config: dict,
+                 on_metrics: Callable | None = None) -> TrainOutcome:
+    """Fit ``module`` for ``settings.max_steps`` optimizer steps, resuming from the newest
+    checkpoint in ``out_dir`` if there is one. ``train_loader(samples_seen)`` must return
+    the training batches that follow the first ``samples_seen`` samples, in a fixed order."""
+    from models.lightning import MetricsCallback, make_trainer
+
+    out_dir = Path(out_dir)
+    (out_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / CHECKPOINTS / "config.json",
+                      json.dumps(resolved_config, indent=2, default=str))
+    existing = checkpoint_files(out_dir)
+    resume_step, ckpt_path = (existing[-1] if existing else (0, None))
+    if ckpt_path is not None:
+        log.info("%s: resuming from step %d (%s)", settings.name, resume_step, ckpt_path.name)
+    original_hooks = (module.on_save_checkpoint, module.on_load_checkpoint)
+
+    def save_rng(checkpoint: dict) -> None:
+        original_hooks[0](checkpoint)
+        checkpoint["forgeline_rng"] = _rng_state()
+
+    def load_rng(checkpoint: dict) -> None:
+        # applied at the first training batch: starting the data loaders draws random
+        # numbers, which the uninterrupted run drew before the checkpoint was written
+        original_hooks[1](checkpoint)
+        stop["rng"] = checkpoint.get("forgeline_rng")
+
+    metrics = MetricsCallback(on_metrics, settings.log_every_steps, name=settings.name)
+    with _stop_signals() as stop:
+        module.on_save_checkpoint, module.on_load_checkpoint = save_rng, load_rng
+        checkpoints = _checkpoint_callback(settings, out_dir, stop)
+        trainer = make_trainer(
+            max_steps=settings.max_steps, grad_accum=settings.grad_accum,
+            grad_clip=settings.grad_clip,
+            val_every_steps=min(settings.val_every_steps, settings.max_steps),
+            precision=settings.precision, accelerator=settings.accelerator,
+            devices=settings.devices, strategy=settings.strategy,
+            callbacks=[metrics, checkpoints], root_dir=out_dir)
+        samples_seen = resume_step * settings.grad_accum * settings.batch_size
+        started = time.perf_counter()
+        trainer.fit(module, train_loader(samples_seen), val_loader,
+                    ckpt_path=str(ckpt_path) if ckpt_path else None)
+        seconds = time.perf_counter() - started
+        if stop["signal"] is not None:
+            raise TrainingInterrupted(settings.name, trainer.global_step)
+    return TrainOutcome(trainer, metrics, seconds, resume_step, checkpoints.written)
+
+
+def keep_only_best(out_dir: Path) -> None:
+    """After a finished run the step checkpoints have served; the best one stays."""
+    for _, path in checkpoint_files(out_dir):
+        path.unlink(missing_ok=True)
+
+
+def finish_model(outcome: TrainOutcome, model, out_dir: Path, resolved_config: dict,
+                 val_points: list[tuple[int, float]], title: str,
+                 extra: dict | None = None) -> None:
+    """Save the trained model (``model.pt``), its resolved ``config.json`` and the loss
+    curve; drop the step checkpoints of the finished run (``best.ckpt`` stays)."""
+    from models.checkpoint import save_model
+    from models.evaluation import plot_loss_curve
+
+    save_model(out_dir / "model.pt", model.cpu(), extra)
+    write_text_atomic(out_dir / "config.json", json.dumps(
+        {**resolved_config, "resumed_from_step": outcome.resumed_from}, indent=2, default=str))
+    plot_loss_curve(out_dir / "loss_curve.png", outcome.callback.train_history, val_points, title)
+    keep_only_best(out_dir)
