@@ -12,6 +12,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from datetime import timedelta
 
 import lightning as L
 import torch
@@ -196,7 +197,8 @@ def set_threads(num_threads: int) -> None:
 
 def make_trainer(*, max_steps: int, grad_accum: int, grad_clip: float, val_every_steps: int,
                  precision: str, accelerator: str, devices: str | int, strategy: str,
-                 callbacks: list[Callback], root_dir: str | os.PathLike) -> L.Trainer:
+                 callbacks: list[Callback], root_dir: str | os.PathLike,
+                 max_minutes: float | None = None) -> L.Trainer:
     """A Trainer counted in optimizer steps, without its own logger or checkpoints: the
     caller tracks metrics (through the callback) and saves the model itself."""
     _ignore_known_warnings()
@@ -208,4 +210,5 @@ def make_trainer(*, max_steps: int, grad_accum: int, grad_clip: float, val_every
         enable_progress_bar=show_progress(), enable_model_summary=False,
         precision=precision, accelerator=accelerator, devices=devices, strategy=strategy,
         callbacks=callbacks, default_root_dir=str(root_dir),
+        max_time=timedelta(minutes=max_minutes) if max_minutes else None,
     )

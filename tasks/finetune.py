@@ -87,6 +87,12 @@ class FinetuneConfig(BaseModel):
                               "newest one.")
     keep_checkpoints: int = Field(
         2, ge=1, description="Step checkpoints kept while training; best.ckpt is kept too.")
+    early_stopping_patience: int = Field(
+        0, ge=0, description="Stop when the validation loss has not improved for this many "
+                             "validations in a row; 0 = train all max_steps.")
+    max_minutes: float = Field(
+        0.0, ge=0.0, description="Wall-clock budget for training, in minutes (a resumed run "
+                                 "counts the time spent before the interruption); 0 = none.")
     precision: Precision = Field(
         "auto", description="Lightning precision: 'auto' = 'bf16-mixed' on a CUDA GPU with "
                             "bf16, else '32-true'.")

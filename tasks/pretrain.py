@@ -98,6 +98,12 @@ class PretrainConfig(BaseModel):
     keep_checkpoints: int = Field(
         2, ge=1, description="Step checkpoints kept while training (older ones are "
                              "deleted); best.ckpt, the best validation loss, is kept too.")
+    early_stopping_patience: int = Field(
+        0, ge=0, description="Stop when the validation loss has not improved for this many "
+                             "validations in a row; 0 = train all max_steps.")
+    max_minutes: float = Field(
+        0.0, ge=0.0, description="Wall-clock budget for training, in minutes (a resumed run "
+                                 "counts the time spent before the interruption); 0 = none.")
 
     _strategy = field_validator("strategy")(check_strategy)
 

@@ -70,6 +70,8 @@ class TrainSettings:
     log_every_steps: int
     checkpoint_every_steps: int
     keep_checkpoints: int
+    early_stopping_patience: int = 0
+    max_minutes: float = 0.0
 
     @classmethod
     def of(cls, config, name: str, precision: str) -> TrainSettings:
@@ -82,7 +84,9 @@ class TrainSettings:
             strategy=getattr(config, "strategy", "auto"),
             log_every_steps=config.log_every_steps,
             checkpoint_every_steps=config.checkpoint_every_steps,
-            keep_checkpoints=config.keep_checkpoints)
+            keep_checkpoints=config.keep_checkpoints,
+            early_stopping_patience=config.early_stopping_patience,
+            max_minutes=config.max_minutes)
 
 
 @dataclass
@@ -235,6 +239,8 @@ def run_training(settings: TrainSettings, module, train_loader: Callable[[int], 
     """Fit ``module`` for ``settings.max_steps`` optimizer steps, resuming from the newest
     checkpoint in ``out_dir`` if there is one. ``train_loader(samples_seen)`` must return
     the training batches that follow the first ``samples_seen`` samples, in a fixed order."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
     from models.lightning import MetricsCallback, make_trainer
 
     out_dir = Path(out_dir)
@@ -261,13 +267,19 @@ def run_training(settings: TrainSettings, module, train_loader: Callable[[int], 
     with _stop_signals() as stop:
         module.on_save_checkpoint, module.on_load_checkpoint = save_rng, load_rng
         checkpoints = _checkpoint_callback(settings, out_dir, stop)
+        callbacks = [metrics, checkpoints]
+        if settings.early_stopping_patience:
+            callbacks.append(EarlyStopping(monitor="val_loss", mode="min",
+                                           patience=settings.early_stopping_patience,
+                                           check_on_train_epoch_end=False))
         trainer = make_trainer(
             max_steps=settings.max_steps, grad_accum=settings.grad_accum,
             grad_clip=settings.grad_clip,
             val_every_steps=min(settings.val_every_steps, settings.max_steps),
             precision=settings.precision, accelerator=settings.accelerator,
             devices=settings.devices, strategy=settings.strategy,
-            callbacks=[metrics, checkpoints], root_dir=out_dir)
+            callbacks=callbacks, root_dir=out_dir,
+            max_minutes=settings.max_minutes or None)
         samples_seen = resume_step * settings.grad_accum * settings.batch_size
         started = time.perf_counter()
         trainer.fit(module, train_loader(samples_seen), val_loader,
@@ -275,7 +287,19 @@ def run_training(settings: TrainSettings, module, train_loader: Callable[[int], 
         seconds = time.perf_counter() - started
         if stop["signal"] is not None:
             raise TrainingInterrupted(settings.name, trainer.global_step)
+    if trainer.global_step < settings.max_steps:
+        reason = (f"the wall-clock budget of {settings.max_minutes:g} minutes ran out"
+                  if not _time_left(trainer) else "the validation loss stopped improving for "
+                  f"{settings.early_stopping_patience} checks")
+        log.info("%s: stopped at step %d of %d: %s", settings.name, trainer.global_step,
+                 settings.max_steps, reason)
     return TrainOutcome(trainer, metrics, seconds, resume_step, checkpoints.written)
+
+
+def _time_left(trainer) -> bool:
+    """False once the Trainer's wall-clock budget (max_time) ran out."""
+    timer = next((c for c in trainer.callbacks if type(c).__name__ == "Timer"), None)
+    return timer is None or timer.time_remaining() is None or timer.time_remaining() > 0
 
 
 def keep_only_best(out_dir: Path) -> None:

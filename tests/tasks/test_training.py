@@ -99,3 +99,23 @@ def test_checkpoint_settings_are_validated():
     with pytest.raises(ValueError):
         PretrainConfig(checkpoint_every_steps=0)
     assert PretrainConfig().checkpoint_every_steps == 100
+
+
+def test_early_stopping_and_the_wall_clock_budget_end_training_sooner(tokenized, tmp_path, caplog):
+    import logging
+
+    from tasks.pretrain import pretrain
+
+    caplog.set_level(logging.INFO, logger="tasks.training")
+    tiny = {**SETTINGS, "max_steps": 100, "val_every_steps": 5, "log_every_steps": 5,
+            "dropout": 0.0}
+    # a learning rate too small to change anything: the second validation is no better
+    stalled = pretrain(PretrainConfig(**tiny, learning_rate=1e-12, early_stopping_patience=1),
+                       tokenized, tmp_path / "stalled")
+    assert stalled["count"] == 10
+    assert "validation loss stopped improving" in caplog.text
+
+    budget = pretrain(PretrainConfig(**{**tiny, "max_steps": 100_000}, max_minutes=0.02),
+                      tokenized, tmp_path / "budget")
+    assert 0 < budget["count"] < 100_000
+    assert "wall-clock budget of 0.02 minutes ran out" in caplog.text
