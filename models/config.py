@@ -80,6 +80,26 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    def parameter_count(self, non_embedding: bool = False) -> int:
+        """Parameters of the model this config builds, counted from the shapes (the token
+        table once when tied; ``non_embedding`` leaves it out)."""
+        d, m, kv = self.d_model, self.mlp_hidden, self.n_kv_heads * self.head_dim
+        block = (d * d + d * 2 * kv + d * d) + (d * 2 * m + m * d) + 2 * d  # attn, mlp, norms
+        body = self.n_layers * block + d  # + the final norm
+        table = self.vocab_size * d
+        if non_embedding:
+            return body + (0 if self.tie_embeddings else table)
+        return body + table * (1 if self.tie_embeddings else 2)
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token, forward and backward: 6 per weight a token meets in a
+        matmul (the blocks and the output head) plus 12 * layers * width * context for
+        attention's scores and mixing (PaLM, appendix B; nanoGPT's MFU estimate)."""
+        matmul_weights = self.parameter_count(non_embedding=True)
+        if self.tie_embeddings:
+            matmul_weights += self.vocab_size * self.d_model  # the head reuses the table
+        return 6 * matmul_weights + 12 * self.n_layers * self.d_model * self.context_length
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -12,7 +12,7 @@ import logging
 import math
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -29,6 +29,15 @@ log = logging.getLogger(__name__)
 STAGE = "pretrain"
 
 
+# Model shapes by name: from a test-sized model to GPT-2 small's (Radford et al. 2019).
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"d_model": 32, "n_layers": 2, "n_heads": 2, "context_length": 64},
+    "small": {"d_model": 128, "n_layers": 4, "n_heads": 4, "context_length": 256},
+    "medium": {"d_model": 384, "n_layers": 6, "n_heads": 6, "context_length": 512},
+    "gpt2-small": {"d_model": 768, "n_layers": 12, "n_heads": 12, "context_length": 1024},
+}
+
+
 class PretrainConfig(BaseModel):
     """Model size and training schedule for pretraining.
 
@@ -39,6 +48,13 @@ class PretrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    preset: Literal["tiny", "small", "medium", "gpt2-small"] | None = Field(
+        None, description="A model size by name; its shape fields replace those left at their "
+                          "defaults here, so any field can still be set on top. With a "
+                          "4096-token vocabulary: tiny (tests, 0.16M parameters), small (the "
+                          "defaults, 1.3M), medium (12M), gpt2-small (768 wide, 12 layers, 12 "
+                          "heads, 1024 context: 88M; 124M with GPT-2's 50257-token "
+                          "vocabulary). Empty: the fields as given.")
     d_model: int = Field(128, ge=8, description="Width of the model (embedding size).")
     n_layers: int = Field(4, ge=1, description="Number of transformer blocks.")
     n_heads: int = Field(4, ge=1, description="Attention heads; must divide d_model.")
@@ -107,6 +123,22 @@ class PretrainConfig(BaseModel):
 
     _strategy = field_validator("strategy")(check_strategy)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        """The preset's shape, except where a field is set to something other than its
+        default (the Prefect form sends every field, so 'left at the default' is the test)."""
+        if not isinstance(data, dict) or not data.get("preset"):
+            return data
+        shape = MODEL_PRESETS.get(data["preset"])
+        if shape is None:
+            return data  # the Literal check names the valid presets
+        data = dict(data)
+        for name, value in shape.items():
+            if data.get(name, cls.model_fields[name].default) == cls.model_fields[name].default:
+                data[name] = value
+        return data
+
     @model_validator(mode="after")
     def _model_shape_is_buildable(self) -> PretrainConfig:
         model_config_for(self, vocab_size=256)  # the shape's own checks, before any work
@@ -172,8 +204,9 @@ def pretrain(config: PretrainConfig, tokenized_dir: Path, out_dir: Path,
     val_data = StridedWindows(tokenized_dir / "val.bin", meta["dtype"], config.context_length,
                               max_windows=config.val_batches * config.batch_size)
     precision = resolve_precision(config.precision, config.accelerator)
-    log.info("pretrain: %.2fM parameters (%s), %d steps of %d x %d tokens on %s, precision %s",
-             model.num_params() / 1e6, model_config, config.max_steps,
+    log.info("pretrain: %.2fM parameters, %.1f MFLOPs per token (%s), %d steps of %d x %d "
+             "tokens on %s, precision %s", model.num_params() / 1e6,
+             model_config.flops_per_token() / 1e6, model_config, config.max_steps,
              config.batch_size * config.grad_accum, config.context_length, config.accelerator,
              precision)
 
@@ -211,7 +244,10 @@ def pretrain(config: PretrainConfig, tokenized_dir: Path, out_dir: Path,
     return {
         "count": trainer.global_step,
         "unit": "steps",
-        "stats": {"params": model.num_params(), "train_loss_final": round(train_loss_final, 5),
+        "stats": {"params": model.num_params(),
+                  "params_non_embedding": model_config.parameter_count(non_embedding=True),
+                  "flops_per_token": model_config.flops_per_token(),
+                  "train_loss_final": round(train_loss_final, 5),
                   "val_loss": round(val_loss, 5), "val_perplexity": round(math.exp(val_loss), 3),
                   "tokens_seen": callback.tokens_seen,
                   "tokens_per_second": round(tokens_per_second, 1), "seconds": round(seconds, 2)},

@@ -101,3 +101,32 @@ def test_bad_model_shape_is_refused_when_the_config_is_loaded():
         PretrainConfig(**{**TINY, "n_heads": 5})
     with pytest.raises(ValidationError, match="multiple of n_kv_heads"):
         PretrainConfig(**{**TINY, "n_heads": 4, "n_kv_heads": 3})
+
+
+def test_presets_set_the_shape_and_fields_set_on_top_win():
+    from tasks.pretrain import MODEL_PRESETS, model_config_for
+
+    gpt2 = PretrainConfig(preset="gpt2-small")
+    assert (gpt2.d_model, gpt2.n_layers, gpt2.n_heads, gpt2.context_length) == (768, 12, 12, 1024)
+    shape = model_config_for(gpt2, vocab_size=50257)
+    assert round(shape.parameter_count() / 1e6) == 124  # GPT-2 small's size
+    assert PretrainConfig(preset="gpt2-small", n_layers=6).n_layers == 6
+    # a form sends every field: those at their defaults still take the preset's value
+    form = {**PretrainConfig().model_dump(), "preset": "tiny"}
+    assert PretrainConfig(**form).d_model == MODEL_PRESETS["tiny"]["d_model"]
+    with pytest.raises(ValidationError):
+        PretrainConfig(preset="huge")
+
+
+def test_parameter_and_flop_counts_come_from_the_config():
+    for shape in ({"vocab_size": 300, "d_model": 64, "n_layers": 3, "n_heads": 4,
+                   "n_kv_heads": 2, "tie_embeddings": False},
+                  {"vocab_size": 4096, "d_model": 128, "n_layers": 4, "n_heads": 4}):
+        config = ModelConfig(**shape)
+        model = Llama(config)
+        assert config.parameter_count() == model.num_params()
+        assert config.parameter_count(non_embedding=True) == model.num_params(non_embedding=True)
+    config = ModelConfig(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, context_length=256)
+    # 6 FLOPs per matmul weight (blocks + tied head) + attention 12 * L * d * T
+    weights = Llama(config).num_params(non_embedding=True) + 4096 * 128
+    assert config.flops_per_token() == 6 * weights + 12 * 4 * 128 * 256
