@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,9 @@ class RunContext(BaseModel):
 
 RETRIES = {"retry_condition_fn": retry_unless_input_error, "cache_policy": NO_CACHE}
 
+
+# Stages whose MLflow runs also get MLflow's system metrics (CPU, memory, GPU).
+TRAINING_STAGES = frozenset({"pretrain", "finetune"})
 
 # A new release of one of these can change a stage's output, so its version is in the key.
 STAGE_LIBRARIES = {
@@ -95,8 +99,10 @@ def run_tracked(ctx: RunContext, stage: str, section: BaseModel | None,
     run_id = tracker.start_stage(ctx.parent_run_id, stage, params)
     on_metrics = tracker.metrics_callback(run_id)
     try:
-        manifest = run_stage_in(where, stage, lambda out_dir: build(out_dir, on_metrics),
-                                inputs=inputs, log=logger.info, resumable=resumable)
+        monitor = tracker.system_metrics(run_id) if stage in TRAINING_STAGES else nullcontext()
+        with monitor:
+            manifest = run_stage_in(where, stage, lambda out_dir: build(out_dir, on_metrics),
+                                    inputs=inputs, log=logger.info, resumable=resumable)
     except BaseException as exc:
         tracker.set_tags(run_id, {"error": str(exc)[:5000]})
         tracker.finish(run_id, ok=False)

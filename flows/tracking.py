@@ -13,12 +13,14 @@ masked the same way before they are logged.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import shlex
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +198,30 @@ class Tracker:
             self.client.log_artifacts(run_id, str(path), artifact_path)
         elif path.exists():
             self.client.log_artifact(run_id, str(path), artifact_path)
+
+    @contextmanager
+    def system_metrics(self, run_id: str, every_seconds: float = 5.0) -> Iterator[None]:
+        """MLflow's system metrics (CPU, memory, disk, network, GPU) logged to ``run_id``
+        every few seconds while the block runs (training stages)."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=every_seconds,
+                                       tracking_uri=self.uri)
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
+            # MLflow publishes a sample only after a full interval; a short stage would
+            # have none, so the last sample is published when the stage ends
+            try:
+                monitor.collect_metrics()
+                monitor.publish_metrics(monitor.aggregate_metrics())
+                monitor.mlflow_logger.flush()
+            except Exception as exc:  # noqa: BLE001 - metrics are not worth failing a stage
+                logging.getLogger(__name__).warning("system metrics not logged: %s",
+                                                    type(exc).__name__)
 
     def metrics_callback(self, run_id: str) -> Callable[[dict[str, float], int], None]:
         """For training loops: ``on_metrics(metrics, step)`` logs to ``run_id``."""

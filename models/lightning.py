@@ -103,8 +103,11 @@ class MetricsCallback(Callback):
     and after each validation val_loss.
     """
 
-    def __init__(self, on_metrics: MetricsFn | None, log_every: int, name: str = "train"):
+    def __init__(self, on_metrics: MetricsFn | None, log_every: int, name: str = "train",
+                 flops_per_token: int | None = None, peak_flops: float | None = None):
         self.on_metrics, self.log_every, self.name = on_metrics, max(1, log_every), name
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self._window_steps = 0
         self.train_history: list[tuple[int, float]] = []
         self.val_history: list[tuple[int, float]] = []
         self.tokens_seen = 0
@@ -150,12 +153,22 @@ class MetricsCallback(Callback):
         self._micro_losses = []
         self._last_step = step
         self.train_history.append((step, loss))
+        self._window_steps += 1
         if step % self.log_every == 0 or step == 1:
-            elapsed = time.perf_counter() - self._window_start
-            self._emit({"train_loss": loss,
-                        "lr": trainer.optimizers[0].param_groups[0]["lr"],
-                        "tokens_per_second": self._window_tokens / max(elapsed, 1e-9)}, step)
+            elapsed = max(time.perf_counter() - self._window_start, 1e-9)
+            tokens_per_second = self._window_tokens / elapsed
+            metrics = {"train_loss": loss, "lr": trainer.optimizers[0].param_groups[0]["lr"],
+                       "tokens_per_second": tokens_per_second,
+                       "step_time_seconds": elapsed / max(1, self._window_steps),
+                       "peak_memory_mb": peak_memory_mb(pl_module.device)}
+            if self.flops_per_token:
+                # per device: each one processes the tokens of its own batches
+                metrics["flops_per_second"] = tokens_per_second * self.flops_per_token
+                if self.peak_flops:
+                    metrics["mfu"] = metrics["flops_per_second"] / self.peak_flops
+            self._emit(metrics, step)
             self._window_tokens, self._window_start = 0, time.perf_counter()
+            self._window_steps = 0
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or "val_loss" not in trainer.callback_metrics:
@@ -168,6 +181,36 @@ class MetricsCallback(Callback):
                  self.name, trainer.global_step, trainer.max_steps, train_loss, val_loss,
                  self.tokens_seen / max(self.train_seconds, 1e-9))
         self._window_start = time.perf_counter()  # validation time is not training speed
+
+
+# Dense bf16 tensor-core peaks (FLOP/s, without sparsity) from the vendors' data sheets,
+# by a name the device reports; the first match wins, so longer names come first.
+GPU_BF16_PEAK_FLOPS = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12),
+                       ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12),
+                       ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12))
+
+
+def peak_flops(peak_tflops: float, accelerator: str) -> tuple[float | None, str]:
+    """The peak that MFU is measured against, and where it comes from: the configured
+    value, else the bf16 dense peak of a known CUDA GPU; None (no MFU) otherwise."""
+    if peak_tflops > 0:
+        return peak_tflops * 1e12, f"configured peak {peak_tflops:g} TFLOP/s"
+    if accelerator in {"auto", "gpu", "cuda"} and torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, flops in GPU_BF16_PEAK_FLOPS:
+            if key in name:
+                return flops, f"{name} bf16 dense peak {flops / 1e12:g} TFLOP/s"
+        return None, f"{name}: peak unknown, set pretrain.peak_tflops for MFU"
+    return None, "no peak on CPU: set pretrain.peak_tflops for MFU"
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: the GPU's allocations on CUDA, else this process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:

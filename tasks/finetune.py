@@ -259,8 +259,10 @@ def finetune(config: FinetuneConfig, tokenized_dir: Path, pretrained_dir: Path,
 
     val_loader = DataLoader(val_data, batch_size=config.batch_size, collate_fn=collate_trimmed,
                             generator=torch.Generator().manual_seed(config.seed))
-    outcome = run_training(TrainSettings.of(config, "finetune", precision), module,
-                           train_loader, val_loader, out_dir, resolved, on_metrics)
+    settings = TrainSettings.of(config, "finetune", precision)
+    settings.flops_per_token = model.config.flops_per_token()
+    outcome = run_training(settings, module, train_loader, val_loader, out_dir, resolved,
+                           on_metrics)
     trainer, callback, seconds = outcome.trainer, outcome.callback, outcome.seconds
     val_after, val_tokens = evaluate_loss(model.to(device), val_data, config.batch_size, device,
                                           collate_trimmed)

@@ -105,7 +105,13 @@ class PretrainConfig(BaseModel):
     num_threads: int = Field(
         0, ge=0, description="CPU threads for torch; 0 = torch's default (all cores).")
     log_every_steps: int = Field(
-        10, ge=1, description="Report train loss, learning rate and tokens/s every N steps.")
+        10, ge=1, description="Report train loss, learning rate, tokens/s, step time, FLOP/s, "
+                              "MFU and peak memory every N steps.")
+    peak_tflops: float = Field(
+        0.0, ge=0.0, description="The hardware's peak dense TFLOP/s that MFU (model FLOPs "
+                                 "utilisation) is measured against; 0 = the bf16 dense peak "
+                                 "of a known GPU (H100, A100, L4, ...), and no MFU on CPU "
+                                 "unless set.")
     checkpoint_every_steps: int = Field(
         100, ge=1, description="Write a checkpoint (weights, optimizer, schedule, RNG and "
                                "data position) every N optimizer steps, and on SIGTERM or "
@@ -214,6 +220,7 @@ def pretrain(config: PretrainConfig, tokenized_dir: Path, out_dir: Path,
                 "resolved": {"precision": precision}, "tokenizer": meta,
                 "params": model.num_params()}
     settings = TrainSettings.of(config, "pretrain", precision)
+    settings.flops_per_token = model_config.flops_per_token()
 
     def train_loader(samples_seen: int) -> DataLoader:
         return DataLoader(train_data, batch_size=config.batch_size,

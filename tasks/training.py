@@ -72,6 +72,8 @@ class TrainSettings:
     keep_checkpoints: int
     early_stopping_patience: int = 0
     max_minutes: float = 0.0
+    flops_per_token: int | None = None  # for FLOP/s and MFU
+    peak_tflops: float = 0.0  # 0: a known GPU's bf16 peak, else no MFU
 
     @classmethod
     def of(cls, config, name: str, precision: str) -> TrainSettings:
@@ -86,7 +88,7 @@ class TrainSettings:
             checkpoint_every_steps=config.checkpoint_every_steps,
             keep_checkpoints=config.keep_checkpoints,
             early_stopping_patience=config.early_stopping_patience,
-            max_minutes=config.max_minutes)
+            max_minutes=config.max_minutes, peak_tflops=getattr(config, "peak_tflops", 0.0))
 
 
 @dataclass
@@ -241,7 +243,7 @@ def run_training(settings: TrainSettings, module, train_loader: Callable[[int], 
     the training batches that follow the first ``samples_seen`` samples, in a fixed order."""
     from lightning.pytorch.callbacks import EarlyStopping
 
-    from models.lightning import MetricsCallback, make_trainer
+    from models.lightning import MetricsCallback, make_trainer, peak_flops
 
     out_dir = Path(out_dir)
     (out_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
@@ -263,7 +265,12 @@ def run_training(settings: TrainSettings, module, train_loader: Callable[[int], 
         original_hooks[1](checkpoint)
         stop["rng"] = checkpoint.get("forgeline_rng")
 
-    metrics = MetricsCallback(on_metrics, settings.log_every_steps, name=settings.name)
+    peak, peak_source = peak_flops(settings.peak_tflops, settings.accelerator)
+    if settings.flops_per_token:
+        log.info("%s: %.1f MFLOPs per token; MFU against %s", settings.name,
+                 settings.flops_per_token / 1e6, peak_source)
+    metrics = MetricsCallback(on_metrics, settings.log_every_steps, name=settings.name,
+                              flops_per_token=settings.flops_per_token, peak_flops=peak)
     with _stop_signals() as stop:
         module.on_save_checkpoint, module.on_load_checkpoint = save_rng, load_rng
         checkpoints = _checkpoint_callback(settings, out_dir, stop)

@@ -54,6 +54,9 @@ def test_full_run_is_tracked_and_a_rerun_reuses_every_stage(prefect_server, corp
     pretrain_run = next(c for c in children if c.data.tags["forgeline.stage"] == "pretrain")
     curve = client.get_metric_history(pretrain_run.info.run_id, "train_loss")
     assert len(curve) > 1  # a training curve, not a single number
+    logged = client.get_run(pretrain_run.info.run_id).data.metrics
+    assert {"tokens_per_second", "flops_per_second", "step_time_seconds"} <= set(logged)
+    assert any(name.startswith("system/") for name in logged)  # MLflow's system metrics
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"config.yaml", "data_report", "tokenize", "evaluate"} <= artifacts
     report = {a.path for a in client.list_artifacts(parent.info.run_id, "data_report")}

@@ -130,3 +130,21 @@ def test_parameter_and_flop_counts_come_from_the_config():
     # 6 FLOPs per matmul weight (blocks + tied head) + attention 12 * L * d * T
     weights = Llama(config).num_params(non_embedding=True) + 4096 * 128
     assert config.flops_per_token() == 6 * weights + 12 * 4 * 128 * 256
+
+
+def test_throughput_metrics_include_flops_and_mfu_against_the_stated_peak(tokenized, tmp_path):
+    seen: dict[str, list[float]] = {}
+
+    def record(metrics, step):
+        for name, value in metrics.items():
+            seen.setdefault(name, []).append(value)
+
+    config = PretrainConfig(**{**TINY, "max_steps": 20, "log_every_steps": 5}, peak_tflops=0.5)
+    result = pretrain(config, tokenized, tmp_path / "out", on_metrics=record)
+    flops = result["stats"]["flops_per_token"]
+    for tokens, flop_rate, mfu in zip(seen["tokens_per_second"], seen["flops_per_second"],
+                                      seen["mfu"]):
+        assert flop_rate == pytest.approx(tokens * flops)
+        assert mfu == pytest.approx(flop_rate / 0.5e12)
+    assert all(t > 0 for t in seen["step_time_seconds"])
+    assert all(m > 0 for m in seen["peak_memory_mb"])
