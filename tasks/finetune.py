@@ -25,7 +25,16 @@ from tasks.pretrain import copy_tokenizer
 from tasks.shards import iter_records
 from tasks.stage import StageInputError
 from tasks.tokenize import is_validation, read_val_ids
-from tasks.training import ResumeSampler, TrainSettings, finish_model, run_training
+from tasks.training import (
+    ResumeSampler,
+    TrainSettings,
+    checkpoint_every_field,
+    early_stopping_field,
+    finish_model,
+    keep_checkpoints_field,
+    max_minutes_field,
+    run_training,
+)
 
 if TYPE_CHECKING:  # torch and Lightning load when training starts, not with the config
     from models.data import Pair
@@ -81,18 +90,10 @@ class FinetuneConfig(BaseModel):
         20, ge=1, description="Measure the held-out loss every this many steps.")
     log_every_steps: int = Field(
         5, ge=1, description="Report train loss and learning rate every N steps.")
-    checkpoint_every_steps: int = Field(
-        50, ge=1, description="Write a checkpoint every N optimizer steps, and on SIGTERM or "
-                              "SIGINT; a rerun of an interrupted run resumes from the "
-                              "newest one.")
-    keep_checkpoints: int = Field(
-        2, ge=1, description="Step checkpoints kept while training; best.ckpt is kept too.")
-    early_stopping_patience: int = Field(
-        0, ge=0, description="Stop when the validation loss has not improved for this many "
-                             "validations in a row; 0 = train all max_steps.")
-    max_minutes: float = Field(
-        0.0, ge=0.0, description="Wall-clock budget for training, in minutes (a resumed run "
-                                 "counts the time spent before the interruption); 0 = none.")
+    checkpoint_every_steps: int = checkpoint_every_field(50)
+    keep_checkpoints: int = keep_checkpoints_field()
+    early_stopping_patience: int = early_stopping_field()
+    max_minutes: float = max_minutes_field()
     precision: Precision = Field(
         "auto", description="Lightning precision: 'auto' = 'bf16-mixed' on a CUDA GPU with "
                             "bf16, else '32-true'.")

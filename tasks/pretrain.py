@@ -19,7 +19,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from models.config import Accelerator, ModelConfig, Precision, check_strategy
 from tasks.shards import atomic_path
 from tasks.stage import StageInputError
-from tasks.training import ResumeSampler, TrainSettings, finish_model, run_training
+from tasks.training import (
+    ResumeSampler,
+    TrainSettings,
+    checkpoint_every_field,
+    early_stopping_field,
+    finish_model,
+    keep_checkpoints_field,
+    max_minutes_field,
+    run_training,
+)
 
 if TYPE_CHECKING:  # torch and Lightning load when training starts, not with the config
     from models.lightning import MetricsFn
@@ -112,20 +121,10 @@ class PretrainConfig(BaseModel):
                                  "utilisation) is measured against; 0 = the bf16 dense peak "
                                  "of a known GPU (H100, A100, L4, ...), and no MFU on CPU "
                                  "unless set.")
-    checkpoint_every_steps: int = Field(
-        100, ge=1, description="Write a checkpoint (weights, optimizer, schedule, RNG and "
-                               "data position) every N optimizer steps, and on SIGTERM or "
-                               "SIGINT; a rerun of an interrupted run resumes from the "
-                               "newest one.")
-    keep_checkpoints: int = Field(
-        2, ge=1, description="Step checkpoints kept while training (older ones are "
-                             "deleted); best.ckpt, the best validation loss, is kept too.")
-    early_stopping_patience: int = Field(
-        0, ge=0, description="Stop when the validation loss has not improved for this many "
-                             "validations in a row; 0 = train all max_steps.")
-    max_minutes: float = Field(
-        0.0, ge=0.0, description="Wall-clock budget for training, in minutes (a resumed run "
-                                 "counts the time spent before the interruption); 0 = none.")
+    checkpoint_every_steps: int = checkpoint_every_field(100)
+    keep_checkpoints: int = keep_checkpoints_field()
+    early_stopping_patience: int = early_stopping_field()
+    max_minutes: float = max_minutes_field()
 
     _strategy = field_validator("strategy")(check_strategy)
 

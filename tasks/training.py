@@ -33,12 +33,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from tasks.shards import write_text_atomic
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 _STEP_FILE = re.compile(r"step-(\d+)\.ckpt$")
+
+
+def checkpoint_every_field(default: int):
+    """The fields every training stage's config shares (one definition, one description)."""
+    return Field(default, ge=1, description="Write a checkpoint (weights, optimizer, schedule, "
+                                            "RNG and data position) every N optimizer steps, "
+                                            "and on SIGTERM or SIGINT; a rerun of an "
+                                            "interrupted run resumes from the newest one.")
+
+
+def keep_checkpoints_field():
+    return Field(2, ge=1, description="Step checkpoints kept while training (older ones are "
+                                      "deleted); best.ckpt, the best validation loss, is kept "
+                                      "too.")
+
+
+def early_stopping_field():
+    return Field(0, ge=0, description="Stop when the validation loss has not improved for "
+                                      "this many validations in a row; 0 = train all "
+                                      "max_steps.")
+
+
+def max_minutes_field():
+    return Field(0.0, ge=0.0, description="Wall-clock budget for training, in minutes (a "
+                                          "resumed run counts the time spent before the "
+                                          "interruption); 0 = none.")
 
 
 class TrainingInterrupted(Exception):
