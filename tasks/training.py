@@ -239,11 +239,15 @@ def _checkpoint_callback(settings: TrainSettings, out_dir: Path, stop: dict):
             step = trainer.global_step
             if not boundary or step == 0:
                 return
-            if stop["signal"] is not None:
+            # SIGINT reaches our handler; Lightning takes SIGTERM itself, notes it, and
+            # raises after this hook: either way, the step is saved first
+            signalled = stop["signal"] or (signal.SIGTERM if getattr(
+                trainer, "received_sigterm", False) else None)
+            if signalled:
                 self.save_step(trainer)
                 trainer.should_stop = True
                 log.warning("%s: signal %d: wrote a checkpoint at step %d and stopped",
-                            settings.name, stop["signal"], step)
+                            settings.name, signalled, step)
             elif step % settings.checkpoint_every_steps == 0 and step < settings.max_steps:
                 self.save_step(trainer)
 
@@ -270,6 +274,7 @@ def run_training(settings: TrainSettings, module, train_loader: Callable[[int], 
     checkpoint in ``out_dir`` if there is one. ``train_loader(samples_seen)`` must return
     the training batches that follow the first ``samples_seen`` samples, in a fixed order."""
     from lightning.pytorch.callbacks import EarlyStopping
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from models.lightning import MetricsCallback, make_trainer, peak_flops
 
@@ -317,8 +322,11 @@ def run_training(settings: TrainSettings, module, train_loader: Callable[[int], 
             max_minutes=settings.max_minutes or None)
         samples_seen = resume_step * settings.grad_accum * settings.batch_size
         started = time.perf_counter()
-        trainer.fit(module, train_loader(samples_seen), val_loader,
-                    ckpt_path=str(ckpt_path) if ckpt_path else None)
+        try:
+            trainer.fit(module, train_loader(samples_seen), val_loader,
+                        ckpt_path=str(ckpt_path) if ckpt_path else None)
+        except SIGTERMException:
+            raise TrainingInterrupted(settings.name, trainer.global_step) from None
         seconds = time.perf_counter() - started
         if stop["signal"] is not None:
             raise TrainingInterrupted(settings.name, trainer.global_step)

@@ -119,3 +119,22 @@ def test_early_stopping_and_the_wall_clock_budget_end_training_sooner(tokenized,
                       tokenized, tmp_path / "budget")
     assert 0 < budget["count"] < 100_000
     assert "wall-clock budget of 0.02 minutes ran out" in caplog.text
+
+
+def test_sigterm_writes_a_checkpoint_at_the_current_step_and_a_rerun_resumes_there(tokenized,
+                                                                                    tmp_path):
+    proc = start(tokenized, tmp_path / "stopped")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if checkpoint_files(tmp_path / "stopped"):
+            break
+        time.sleep(0.01)
+    time.sleep(0.3)  # a few steps past the periodic checkpoint
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "interrupted at step" in err, err[-2000:]
+    stopped_at = max(step for step, _ in checkpoint_files(tmp_path / "stopped"))
+    assert f"interrupted at step {stopped_at}" in err
+    resumed = start(tokenized, tmp_path / "stopped")
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0 and f"resuming from step {stopped_at}" in err, err[-2000:]
