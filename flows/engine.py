@@ -83,8 +83,12 @@ def retry_unless_input_error(task, task_run, state) -> bool:
     return not isinstance(getattr(state, "data", None), StageInputError)
 
 
-@task(name="shard", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE,
-      retry_condition_fn=retry_unless_input_error)
+# Every forgeline task: no result caching (stage directories are the cache), and no retry
+# of bad input.
+RETRIES = {"retry_condition_fn": retry_unless_input_error, "cache_policy": NO_CACHE}
+
+
+@task(name="shard", retries=2, retry_delay_seconds=[2, 10], **RETRIES)
 def shard_task(function: Callable[..., Any], arguments: tuple) -> Any:
     """One item of a stage (a shard, a band, ...): finished items are skipped inside."""
     return function(*arguments)

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import NONE as NO_CACHE
 from pydantic import BaseModel, SecretStr
 
 import models
@@ -32,7 +31,7 @@ import tasks.sources
 import tasks.tokenize
 import tasks.training
 from flows.config import PipelineConfig, flatten
-from flows.engine import prefect_mapper, retry_unless_input_error
+from flows.engine import RETRIES, prefect_mapper
 from flows.tracking import Tracker
 from tasks.stage import load_manifest, run_stage_in, stage_dir
 
@@ -48,7 +47,6 @@ class RunContext(BaseModel):
     parent_run_id: str
 
 
-RETRIES = {"retry_condition_fn": retry_unless_input_error, "cache_policy": NO_CACHE}
 
 
 # Stages whose MLflow runs also get MLflow's system metrics (CPU, memory, GPU).

@@ -142,7 +142,7 @@ def run_stage(
                         name, build, inputs=inputs, log=log, resumable=resumable)
 
 
-def partial_dir(final_dir: Path, name: str) -> Path:
+def partial_dir(final_dir: Path) -> Path:
     """Where a resumable stage builds its output: one stable name per key, so a rerun
     after a kill finds the shards that finished (their completion markers) and keeps them."""
     return final_dir.parent / f".partial-{final_dir.name}"
@@ -174,7 +174,7 @@ def run_stage_in(final_dir: Path, name: str, build: Callable[[Path], dict[str, A
     if final_dir.exists():  # a directory without manifest is an incomplete leftover
         shutil.rmtree(final_dir)
     if resumable:
-        tmp_dir = partial_dir(final_dir, name)
+        tmp_dir = partial_dir(final_dir)
         if tmp_dir.exists():
             log(f"{name}: resuming the unfinished output in {tmp_dir}")
             for partial_file in tmp_dir.rglob(".*.tmp"):  # a write the kill cut short

@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +125,6 @@ class TrainOutcome:
     callback: Any
     seconds: float
     resumed_from: int  # 0 for a fresh run
-    checkpoints: list[str] = field(default_factory=list)
 
 
 class ResumeSampler:
@@ -209,7 +208,6 @@ def _checkpoint_callback(settings: TrainSettings, out_dir: Path, stop: dict):
         def __init__(self) -> None:
             self.last_saved = -1
             self.best = float("inf")
-            self.written: list[str] = []
 
         def _save(self, trainer, path: Path) -> None:
             # every rank takes part (Lightning gathers the state); rank zero writes and
@@ -226,7 +224,6 @@ def _checkpoint_callback(settings: TrainSettings, out_dir: Path, stop: dict):
                 return
             self._save(trainer, out_dir / CHECKPOINTS / f"step-{step:06d}.ckpt")
             self.last_saved = step
-            self.written.append(f"step-{step:06d}.ckpt")
             for _, old in checkpoint_files(out_dir)[:-settings.keep_checkpoints]:
                 old.unlink(missing_ok=True)
 
@@ -336,7 +333,7 @@ def run_training(settings: TrainSettings, module, train_loader: Callable[[int], 
                   f"{settings.early_stopping_patience} checks")
         log.info("%s: stopped at step %d of %d: %s", settings.name, trainer.global_step,
                  settings.max_steps, reason)
-    return TrainOutcome(trainer, metrics, seconds, resume_step, checkpoints.written)
+    return TrainOutcome(trainer, metrics, seconds, resume_step)
 
 
 def _time_left(trainer) -> bool:
