@@ -1,4 +1,4 @@
-"""``forgeline``: run the pipeline, or show its configuration.
+"""``forgeline``: run the pipeline, show its configuration, export or sample the model.
 
 Exit codes: 0 success; 2 invalid configuration or input (the reason on standard error);
 1 any other failure.
@@ -37,6 +37,20 @@ examples:
   forgeline run --set execution.workers=1        data stages in one worker process
   forgeline run --set execution.engine=dask --set execution.dask_address=tcp://host:8786
                                                  data stages' shards on a Dask cluster
+  forgeline export --out hf-model                the latest run's model for transformers
+  forgeline generate --model models:/forgeline/latest --prompt 'import json'
+"""
+
+MODEL_FORMS = """models (--model, --run):
+  work/stages/pretrain-<key>/        a training stage's output (model.pt, tokenizer.model)
+  work/stages/.../checkpoints/best.ckpt
+                                     a training checkpoint, also of an interrupted run
+  hf-model/                          a `forgeline export` (sampled with transformers)
+  <run id> | runs:/<run id>          an MLflow pipeline or training-stage run
+  models:/forgeline/3 | models:/forgeline/latest | models:/forgeline@champion
+                                     a registered model version
+  MLflow URIs and run ids are looked up in $MLFLOW_TRACKING_URI, else in the store of
+  --workdir.
 """
 
 STAGE_NAMES = ("crawl", "extract", "filter", "dedup", "pii",
@@ -73,6 +87,49 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true",
                      help="end standard output with one JSON line: the MLflow run id and "
                           "each stage's output directory and count")
+
+    export = commands.add_parser(
+        "export", help="write the final model in Hugging Face transformers format",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=MODEL_FORMS,
+        description="Write a trained model as a transformers LlamaForCausalLM (config.json, "
+                    "model.safetensors) with its sentencepiece tokenizer as a transformers "
+                    "tokenizer (tokenizer.json): AutoModelForCausalLM.from_pretrained(DIR) "
+                    "loads it offline. By default the final model (fine-tuned when "
+                    "fine-tuning ran, else pretrained) of the newest pipeline run in the "
+                    "work directory.")
+    export.add_argument("--out", required=True, metavar="DIR", help="directory to write")
+    where = export.add_mutually_exclusive_group()
+    where.add_argument("--workdir", default=os.environ.get("FORGELINE_WORKDIR", "work"),
+                       metavar="W", help="the work directory whose newest run to export "
+                                         "(default: ./work, or $FORGELINE_WORKDIR)")
+    where.add_argument("--run", metavar="ID", help="an MLflow run id (pipeline or training "
+                                                   "stage) or model URI instead")
+
+    generate = commands.add_parser(
+        "generate", help="continue a prompt with a trained model",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=MODEL_FORMS,
+        description="Print the model's continuation of --prompt. Each new token costs one "
+                    "position's forward pass (a KV cache).")
+    generate.add_argument("--model", required=True, metavar="PATH_OR_MODEL_URI",
+                          help="the model: a path, an MLflow run id or a model URI (below)")
+    generate.add_argument("--prompt", required=True, metavar="TEXT", help="text to continue")
+    generate.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                          help="tokens to generate at most; stops early at end of text "
+                               "(default 64)")
+    generate.add_argument("--temperature", type=float, default=0.8, metavar="T",
+                          help="sampling temperature; 0 = greedy (default 0.8)")
+    generate.add_argument("--top-k", type=int, default=None, metavar="K",
+                          help="sample from the K most likely tokens only")
+    generate.add_argument("--top-p", type=float, default=None, metavar="P",
+                          help="sample from the smallest set of tokens whose probability "
+                               "reaches P (nucleus sampling)")
+    generate.add_argument("--seed", type=int, default=None, help="make sampling repeatable")
+    generate.add_argument("--device", default=None,
+                          help="cpu, cuda, cuda:1, ... (default: a GPU when there is one)")
+    generate.add_argument("--workdir", default=os.environ.get("FORGELINE_WORKDIR", "work"),
+                          metavar="W", help="whose MLflow store resolves run ids and URIs "
+                                            "when $MLFLOW_TRACKING_URI is unset (default: "
+                                            "./work)")
 
     show = commands.add_parser(
         "config", help="print the resolved configuration with every setting explained",
@@ -195,9 +252,49 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from flows.model_registry import ModelReferenceError
+    from flows.model_tools import export
+
+    install_log_redaction()
+    try:
+        out, source = export(args.out, workdir=args.workdir, run=args.run)
+    except (ModelReferenceError, FileNotFoundError, ValueError) as exc:
+        return _fail(str(exc), 2)
+    print(f"exported the model of {redact_secrets(source)} to {out} (transformers "
+          "LlamaForCausalLM and tokenizer)")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from contextlib import ExitStack
+
+    from flows.model_registry import ModelReferenceError
+    from flows.model_tools import load_any_generator
+
+    if args.max_new_tokens < 0 or args.temperature < 0:
+        return _fail("--max-new-tokens and --temperature must be at least 0", 2)
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        return _fail(f"--top-p must be in (0, 1], got {args.top_p}", 2)
+    install_log_redaction()
+    with ExitStack() as stack:
+        try:
+            generator = load_any_generator(args.model, workdir=args.workdir,
+                                           device=args.device, stack=stack)
+        except (ModelReferenceError, FileNotFoundError, ValueError) as exc:
+            return _fail(str(exc), 2)
+        text = generator.generate(args.prompt, max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, top_k=args.top_k,
+                                  top_p=args.top_p, seed=args.seed)
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return {"run": cmd_run, "config": cmd_config}[args.command](args)
+    commands = {"run": cmd_run, "config": cmd_config, "export": cmd_export,
+                "generate": cmd_generate}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,23 @@ class ExecutionConfig(BaseModel):
         return self
 
 
+class RegistryConfig(BaseModel):
+    """The final model as an MLflow model in the Model Registry."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(
+        True, description="Log the final model (fine-tuned if fine-tuning ran, else "
+                          "pretrained) on the pipeline's MLflow run as an MLflow model that "
+                          "generates text, and register it as a new version of model_name. "
+                          "false skips both.")
+    model_name: str = Field(
+        "forgeline", min_length=1, max_length=256, pattern=r"^[^/:@]+$",
+        description="Name of the registered model in the MLflow Model Registry (no '/', ':' "
+                    "or '@'); each pipeline run that trains adds a version, loadable as "
+                    "models:/<model_name>/<version>.")
+
+
 class ConfigError(ValueError):
     """The configuration is invalid; the message names the field and what to do."""
 
@@ -106,6 +123,9 @@ class PipelineConfig(BaseModel):
         default_factory=FinetuneConfig, description="Supervised fine-tuning on prompt/response pairs.")
     evaluate: EvaluateConfig = Field(
         default_factory=EvaluateConfig, description="Perplexity, bits per byte, baseline, samples.")
+    registry: RegistryConfig = Field(
+        default_factory=RegistryConfig,
+        description="The final model logged as an MLflow model and registered by name.")
 
     @model_validator(mode="after")
     def _one_source(self) -> PipelineConfig:

@@ -18,6 +18,8 @@ from prefect.runtime import flow_run
 from flows import forward_stage_logs
 from flows.config import DATA_STAGES, STAGES, PipelineConfig, StageName, config_yaml, flatten
 from flows.engine import api_url_for_workers, describe, task_runner
+from flows.model_registry import log_and_register
+from flows.model_tools import fetch_init_model
 from flows.report import data_report
 from flows.stages import (
     DATA_STAGE_TASKS,
@@ -70,10 +72,17 @@ def train_flow(config: PipelineConfig, ctx: RunContext, corpus: Manifest,
     """tokenize -> pretrain -> finetune. Tokenize encodes each shard as a task run on this
     flow's task runner (``execution``); training runs in this process."""
     forward_stage_logs()
-    out = {"tokenize": tokenize_stage(config, corpus, ctx)}
+    init = None
+    if config.pretrain.init_from:  # continued pretraining: its model and tokenizer
+        init = fetch_init_model(config.pretrain.init_from, config.pretrain.init_if_missing,
+                                ctx.workdir, ctx.tracking_uri.get_secret_value())
+        if init:
+            Tracker(ctx.tracking_uri.get_secret_value(), ctx.experiment).set_tags(
+                ctx.parent_run_id, {"forgeline.parent_model": init["resolved"]})
+    out = {"tokenize": tokenize_stage(config, corpus, ctx, init)}
     if _reached("pretrain", until):
         return out
-    out["pretrain"] = pretrain_stage(config, out["tokenize"], ctx)
+    out["pretrain"] = pretrain_stage(config, out["tokenize"], ctx, init)
     if _reached("finetune", until) or not config.finetune.enabled:
         return out
     out["finetune"] = finetune_stage(config, out["tokenize"], out["pretrain"], corpus, ctx)
@@ -132,6 +141,45 @@ def _log_run_artifacts(tracker: Tracker, run_id: str, stages: dict[str, Manifest
                 tracker.log_artifact(run_id, artifacts[name], artifact_path=stage)
 
 
+def register_final_model(config: PipelineConfig, uri: str, parent_id: str,
+                         stages: dict[str, Manifest], metrics: dict[str, float]
+                         ) -> dict[str, Any] | None:
+    """Log the final model (fine-tuned if fine-tuning ran, else pretrained) on the
+    pipeline's MLflow run as an MLflow model and register it as a new version of
+    ``registry.model_name``, with the headline metrics. None when no training ran or
+    ``registry.enabled`` is false.
+
+    Every pipeline run that trains, or reuses finished training, registers a version of its
+    own (its tags name the stage run the weights come from); a retry of the same flow run
+    reuses the version its earlier attempt registered."""
+    logger = get_run_logger()
+    stage = next((name for name in ("finetune", "pretrain")
+                  if name in stages and not stages[name].get("skipped")), None)
+    if stage is None:
+        return None
+    if not config.registry.enabled:
+        logger.info("registry.enabled is false: the %s model is not logged to MLflow's "
+                    "Model Registry", stage)
+        return None
+    manifest = stages[stage]
+    prompts = config.evaluate.sample_prompts
+    try:
+        registered = log_and_register(
+            Path(manifest["output"]), uri, parent_id, config.registry.model_name, stage=stage,
+            stage_run_id=manifest.get("mlflow_run_id"), metrics=metrics,
+            example_prompt=prompts[0] if prompts else "The ")
+    except Exception as exc:
+        logger.error("logging the %s model to MLflow failed (%s); registry.enabled=false "
+                     "skips this step", stage, type(exc).__name__)
+        raise
+    label = "fine-tuned" if stage == "finetune" else "pretrained"
+    logger.info("registered model %s version %s (%s), the %s model%s", registered.name,
+                registered.version, registered.model_uri, label,
+                "; the version registered by an earlier attempt of this run"
+                if registered.reused else "")
+    return registered.to_dict()
+
+
 def _summary_markdown(result: dict[str, Any], ui: str, run_url: str | None) -> str:
     lines = ["# forgeline run", "", "| stage | result | seconds | reused |", "|---|---|---:|---|"]
     for name, s in result["stages"].items():
@@ -145,6 +193,10 @@ def _summary_markdown(result: dict[str, Any], ui: str, run_url: str | None) -> s
     where = f"[{result['mlflow_run_id']}]({run_url})" if run_url else \
         f"`{result['mlflow_run_id']}` in `{result['tracking_uri']}` (open with `{ui}`)"
     lines += ["", f"MLflow run: {where}"]
+    if result.get("registered_model"):
+        registered = result["registered_model"]
+        lines += ["", (f"Registered model: `{registered['model_uri']}` "
+                       f"(from the {registered['stage']} stage)")]
     return "\n".join(lines)
 
 
@@ -197,11 +249,15 @@ def pipeline(config: PipelineConfig = PipelineConfig(),  # noqa: B008 (the UI fo
             stages.update(evaluate_flow(config, ctx, stages))
         metrics = headline_metrics(stages)
         tracker.log_metrics(parent_id, metrics)
+        registered = register_final_model(config, uri, parent_id, stages, metrics)
+        if registered:
+            tracker.set_tags(parent_id, {"forgeline.registered_model": registered["model_uri"]})
         tracker.set_tags(parent_id, {"forgeline.reused_stages": ",".join(
             n for n, m in stages.items() if m.get("reused"))})
         _log_run_artifacts(tracker, parent_id, stages)
         result = {"mlflow_run_id": parent_id, "tracking_uri": display_uri(uri), "workdir": str(work),
                   "data_report": str(report["report"]), "metrics": metrics,
+                  "registered_model": registered,
                   "stages": {n: _stage_summary(m) for n, m in stages.items()}}
         ui = ui_command(uri, work)
         run_url = tracker.run_url(parent_id)

@@ -21,6 +21,7 @@ import tasks.evaluate
 import tasks.extract
 import tasks.filter
 import tasks.finetune
+import tasks.launch
 import tasks.minhash
 import tasks.pii
 import tasks.pii_engine
@@ -74,7 +75,7 @@ def library_versions(names: tuple[str, ...]) -> dict[str, str | None]:
 def run_tracked(ctx: RunContext, stage: str, section: BaseModel | None,
                 build: Callable[[Path, Callable | None], dict], *, inputs: list[Manifest] = (),
                 code: list = (), extra_key: dict | None = None,
-                resumable: bool = False) -> Manifest:
+                resumable: bool = False, tags: dict[str, str] | None = None) -> Manifest:
     """Run one stage (or reuse its finished output) inside a nested MLflow run.
 
     The output is keyed by the stage's settings, its inputs, ``code`` (plus the shard
@@ -94,7 +95,7 @@ def run_tracked(ctx: RunContext, stage: str, section: BaseModel | None,
                         "run %s", stage, where, finished["count"], finished["unit"], recorded)
             return {**finished, "reused": True, "mlflow_run_id": recorded}
     params = flatten(section.model_dump(mode="json"), f"{stage}.") if section else {}
-    run_id = tracker.start_stage(ctx.parent_run_id, stage, params)
+    run_id = tracker.start_stage(ctx.parent_run_id, stage, params, tags)
     on_metrics = tracker.metrics_callback(run_id)
     try:
         monitor = tracker.system_metrics(run_id) if stage in TRAINING_STAGES else nullcontext()
@@ -177,23 +178,36 @@ pii_stage = _data_stage("pii", tasks.pii.scrub_pii, [tasks.pii, tasks.pii_engine
 MODEL_CODE = [Path(models.__file__).parent]
 
 
-def tokenize_stage(config: PipelineConfig, corpus: Manifest, ctx: RunContext) -> Manifest:
-    """Train the tokenizer here, then encode the shards as task runs on the train flow's
-    task runner (``execution``), joined in shard order."""
+def tokenize_stage(config: PipelineConfig, corpus: Manifest, ctx: RunContext,
+                   init: dict | None = None) -> Manifest:
+    """Train the tokenizer here (or take the one of the model that pretraining continues,
+    ``init``), then encode the shards as task runs on the train flow's task runner
+    (``execution``), joined in shard order."""
+    tokenizer = Path(init["dir"]) / "tokenizer.model" if init else None
     return run_tracked(
         ctx, "tokenize", config.tokenize,
         lambda out, _: tasks.tokenize.tokenize_corpus(
-            config.tokenize, Path(corpus["output"]), out, mapper=prefect_mapper),
-        inputs=[corpus], code=[tasks.tokenize])
+            config.tokenize, Path(corpus["output"]), out, mapper=prefect_mapper,
+            tokenizer=tokenizer),
+        inputs=[corpus], code=[tasks.tokenize],
+        extra_key={"tokenizer_of": init["sha256"]} if init else None,
+        tags={"forgeline.tokenizer_of": init["resolved"]} if init else None)
 
 
 @task(name="pretrain", **RETRIES)
-def pretrain_stage(config: PipelineConfig, tokens: Manifest, ctx: RunContext) -> Manifest:
+def pretrain_stage(config: PipelineConfig, tokens: Manifest, ctx: RunContext,
+                   init: dict | None = None) -> Manifest:
+    """Pretrain a fresh model, or continue the one ``init`` names (pretrain.init_from)."""
     return run_tracked(
         ctx, "pretrain", config.pretrain,
         lambda out, on_metrics: tasks.pretrain.pretrain(
-            config.pretrain, Path(tokens["output"]), out, on_metrics=on_metrics),
-        inputs=[tokens], code=[tasks.pretrain, tasks.training, *MODEL_CODE], resumable=True)
+            config.pretrain, Path(tokens["output"]), out, on_metrics=on_metrics,
+            init_model=Path(init["dir"]) if init else None),
+        extra_key={"init_model": init["sha256"]} if init else None,
+        tags={"forgeline.parent_model": init["resolved"],
+              "forgeline.parent_model_sha256": init["sha256"]} if init else None,
+        inputs=[tokens], code=[tasks.pretrain, tasks.training, tasks.launch, *MODEL_CODE],
+        resumable=True)
 
 
 @task(name="finetune", **RETRIES)
@@ -207,7 +221,7 @@ def finetune_stage(config: PipelineConfig, tokens: Manifest, pretrained: Manifes
             config.finetune, Path(tokens["output"]), Path(pretrained["output"]),
             Path(corpus["output"]), out, on_metrics=on_metrics),
         inputs=[tokens, pretrained, corpus], resumable=True,
-        code=[tasks.finetune, tasks.tokenize, tasks.training, *MODEL_CODE],
+        code=[tasks.finetune, tasks.tokenize, tasks.training, tasks.launch, *MODEL_CODE],
         extra_key=extra)
 
 

@@ -28,7 +28,22 @@ def check_strategy(strategy: str) -> str:
     if strategy not in names:
         raise ValueError(f"unknown Lightning strategy {strategy!r}; use 'auto' or one of "
                          f"{', '.join(sorted(names))}")
+    if strategy.startswith(("ddp_spawn", "ddp_fork", "ddp_notebook")):
+        raise ValueError(f"strategy {strategy!r} starts its processes from inside the "
+                         "Trainer, which does not work within the pipeline; use 'ddp' "
+                         "(forgeline starts one process per device itself)")
     return strategy
+
+
+def check_devices(devices: str | int) -> str | int:
+    """Lightning's ``devices``: a number >= 1, -1 or 'auto' (all), or device indices '0,2'."""
+    text = str(devices).strip()
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if text == "auto" or text == "-1" or (
+            parts and all(part.isdigit() for part in parts) and ("," in text or int(text) >= 1)):
+        return devices if isinstance(devices, int) else text
+    raise ValueError(f"devices must be a number of devices (1 or more), -1 or 'auto' for "
+                     f"all, or a list of device indices such as '0,2'; got {devices!r}")
 
 
 def default_mlp_hidden(d_model: int) -> int:

@@ -18,6 +18,8 @@ from tasks.shards import atomic_path
 
 def pick_device(accelerator: str = "auto") -> torch.device:
     if accelerator in {"auto", "gpu", "cuda"} and torch.cuda.is_available():
+        if "LOCAL_RANK" in os.environ:  # one of several training processes: its own GPU
+            return torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
         return torch.device("cuda")
     return torch.device("cpu")
 

@@ -55,7 +55,9 @@ class CausalLM(L.LightningModule):
         self.learning_rate, self.weight_decay, self.betas = learning_rate, weight_decay, betas
         self.warmup_steps, self.max_steps, self.min_lr_ratio = (
             warmup_steps, max_steps, min_lr_ratio)
-        self.last_loss: float | None = None
+        # the last micro-batch's loss, left on the device: reading it (.item()) every step
+        # would make the host wait for the GPU each step instead of queueing the next one
+        self.last_loss: torch.Tensor | None = None
 
     def compile(self) -> None:
         self.forward_fn = torch.compile(self.model)
@@ -66,12 +68,23 @@ class CausalLM(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch)
-        self.last_loss = loss.detach().item()
+        self.last_loss = loss.detach()
         self.log("train_loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self.log("val_loss", self.compute_loss(batch), prog_bar=True, on_epoch=True)
+        self.log("val_loss", self.compute_loss(batch), prog_bar=True, on_epoch=True,
+                 sync_dist=True)  # the same on every rank (a no-op in one process)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
+                                    gradient_clip_algorithm=None) -> None:
+        if optimizer.defaults.get("fused") and gradient_clip_val:
+            # no grad scaler (bf16 or float32): the gradients are true ones, clip them as
+            # they are (Lightning refuses to clip for a fused optimizer, as if one were used)
+            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val,
+                                            gradient_clip_algorithm)
 
     def configure_optimizers(self):
         # decay matrices only: norms' gains are not weights to shrink toward zero
@@ -79,7 +92,12 @@ class CausalLM(L.LightningModule):
         groups = [{"params": [p for p in params if p.dim() >= 2],
                    "weight_decay": self.weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, betas=self.betas)
+        # one fused kernel for the whole update on CUDA (torch's fastest AdamW there), unless
+        # a float16 grad scaler must unscale the gradients before they are clipped
+        scaled = self._trainer is not None and str(self.trainer.precision).startswith("16")
+        fused = all(p.is_cuda for p in params) and not scaled
+        optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, betas=self.betas,
+                                      fused=fused or None)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, self.warmup_steps, self.max_steps,
                                               self.min_lr_ratio))
@@ -100,7 +118,8 @@ class MetricsCallback(Callback):
 
     Every optimizer step's train loss (mean over its micro-batches) is kept for the loss
     curve; every ``log_every`` steps the caller gets train_loss, lr and tokens_per_second,
-    and after each validation val_loss.
+    and after each validation val_loss. The losses stay on the device until a log step
+    needs them, so training never waits on a host read between log steps.
     """
 
     def __init__(self, on_metrics: MetricsFn | None, log_every: int, name: str = "train",
@@ -111,16 +130,26 @@ class MetricsCallback(Callback):
         self.train_history: list[tuple[int, float]] = []
         self.val_history: list[tuple[int, float]] = []
         self.tokens_seen = 0
-        self._micro_losses: list[float] = []
+        self._micro_losses: list[torch.Tensor] = []
+        self._pending: list[tuple[int, torch.Tensor]] = []  # steps' losses not yet read
         self._last_step = 0
         self._window_tokens = 0
         self._window_start = time.perf_counter()
         self.train_seconds = 0.0
         self._step_started: float | None = None
 
+    def flush(self) -> None:
+        """Read the pending steps' losses into ``train_history`` (one host sync for all)."""
+        if self._pending:
+            values = torch.stack([loss for _, loss in self._pending]).float().cpu().tolist()
+            self.train_history += [(step, value) for (step, _), value
+                                   in zip(self._pending, values, strict=True)]
+            self._pending = []
+
     def state_dict(self) -> dict:
         """Kept in checkpoints, so a resumed run's loss curve and totals start where the
         interrupted run stopped."""
+        self.flush()
         return {"train_history": self.train_history, "val_history": self.val_history,
                 "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
                 "last_step": self._last_step}
@@ -149,12 +178,15 @@ class MetricsCallback(Callback):
         step = trainer.global_step
         if step == self._last_step or not self._micro_losses:
             return  # still accumulating gradients for this optimizer step
-        loss = sum(self._micro_losses) / len(self._micro_losses)
+        loss = torch.stack(self._micro_losses).mean() if len(self._micro_losses) > 1 \
+            else self._micro_losses[0]
         self._micro_losses = []
         self._last_step = step
-        self.train_history.append((step, loss))
+        self._pending.append((step, loss))
         self._window_steps += 1
         if step % self.log_every == 0 or step == 1:
+            self.flush()
+            loss = self.train_history[-1][1]
             elapsed = max(time.perf_counter() - self._window_start, 1e-9)
             tokens_per_second = self._window_tokens / elapsed
             metrics = {"train_loss": loss, "lr": trainer.optimizers[0].param_groups[0]["lr"],
@@ -170,10 +202,14 @@ class MetricsCallback(Callback):
             self._window_tokens, self._window_start = 0, time.perf_counter()
             self._window_steps = 0
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.flush()
+
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or "val_loss" not in trainer.callback_metrics:
             return
         val_loss = float(trainer.callback_metrics["val_loss"])
+        self.flush()
         self.val_history.append((trainer.global_step, val_loss))
         self._emit({"val_loss": val_loss}, trainer.global_step)
         train_loss = self.train_history[-1][1] if self.train_history else float("nan")
@@ -241,9 +277,11 @@ def set_threads(num_threads: int) -> None:
 def make_trainer(*, max_steps: int, grad_accum: int, grad_clip: float, val_every_steps: int,
                  precision: str, accelerator: str, devices: str | int, strategy: str,
                  callbacks: list[Callback], root_dir: str | os.PathLike,
-                 max_minutes: float | None = None) -> L.Trainer:
+                 max_minutes: float | None = None, num_nodes: int = 1) -> L.Trainer:
     """A Trainer counted in optimizer steps, without its own logger or checkpoints: the
-    caller tracks metrics (through the callback) and saves the model itself."""
+    caller tracks metrics (through the callback) and saves the model itself. On several
+    devices the caller's sampler gives each rank its share (``ResumeSampler``), so
+    Lightning does not replace it with a DistributedSampler."""
     _ignore_known_warnings()
     return L.Trainer(
         max_steps=max_steps, max_epochs=-1, accumulate_grad_batches=grad_accum,
@@ -252,6 +290,7 @@ def make_trainer(*, max_steps: int, grad_accum: int, grad_clip: float, val_every
         num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
         enable_progress_bar=show_progress(), enable_model_summary=False,
         precision=precision, accelerator=accelerator, devices=devices, strategy=strategy,
+        num_nodes=num_nodes, use_distributed_sampler=False,
         callbacks=callbacks, default_root_dir=str(root_dir),
         max_time=timedelta(minutes=max_minutes) if max_minutes else None,
     )

@@ -59,19 +59,63 @@ class Attention(nn.Module):
         self.out_proj.residual = True
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LayerCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k, v = self.kv_proj(x).view(B, T, 2, self.n_kv_heads, self.head_dim).unbind(2)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        causal, mask = True, None
+        if cache is not None:  # earlier positions' keys and values come from the cache
+            past = cache.length
+            k, v = cache.append(k, v)  # (B, nkv, past + T, hs)
+            if past and T == 1:
+                causal = False  # one new token sees every cached one
+            elif past:  # T new tokens after `past` cached ones: row i sees keys up to past+i
+                causal = False
+                mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
         if self.n_kv_heads != self.n_heads:  # grouped-query: share each kv head with a group
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, nh, T, hs)
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, nh, S, hs)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+            q, k, v, attn_mask=mask, is_causal=causal,
+            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return F.dropout(self.out_proj(y), self.dropout, self.training)
+
+
+class LayerCache:
+    """One layer's keys and values so far, in buffers allocated once for the whole window."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype):
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.size(2)
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, so that each generated
+    token costs one position's forward pass instead of the whole context's."""
+
+    def __init__(self, config: ModelConfig, batch: int, device: torch.device,
+                 dtype: torch.dtype = torch.float32):
+        self.layers = [LayerCache(batch, config.n_kv_heads, config.context_length,
+                                  config.head_dim, device, dtype)
+                       for _ in range(config.n_layers)]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
 
 
 class SwiGLU(nn.Module):
@@ -95,8 +139,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -133,21 +178,24 @@ class Llama(nn.Module):
         return total
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                loss_mask: torch.Tensor | None = None
+                loss_mask: torch.Tensor | None = None, cache: KVCache | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, V) for token ids (B, T); with ``targets`` (B, T) also the mean loss.
 
         ``loss_mask`` (B, T), true where a target counts, restricts the loss (e.g. to the
-        response tokens in fine-tuning); targets equal to IGNORE_INDEX never count.
+        response tokens in fine-tuning); targets equal to IGNORE_INDEX never count. With a
+        ``cache``, idx holds the tokens after those already in it, at the positions after
+        theirs, and the cache takes in their keys and values.
         """
         T = idx.size(1)
-        if T > self.config.context_length:
-            raise ValueError(f"sequence length {T} exceeds context_length "
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.context_length:
+            raise ValueError(f"sequence length {start + T} exceeds context_length "
                              f"{self.config.context_length}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hs/2)
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, hs/2)
         x = F.dropout(self.embed(idx), self.config.dropout, self.training)  # (B, T, C)
-        for block in self.blocks:
-            x = block(x, cos, sin)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache.layers[i] if cache is not None else None)
         logits = self.head(self.norm(x))  # (B, T, V)
         if targets is None:
             return logits, None
@@ -160,29 +208,61 @@ class Llama(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, stop_token: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Append ``max_new_tokens`` sampled tokens to idx (B, T); the context is cropped to
-        the last ``context_length`` tokens. ``temperature`` 0 means greedy. Stops early when
-        every row has produced ``stop_token``."""
+                 generator: torch.Generator | None = None, top_p: float | None = None,
+                 use_cache: bool = True) -> torch.Tensor:
+        """Append ``max_new_tokens`` sampled tokens to idx (B, T); ``temperature`` 0 means
+        greedy, ``top_k`` and ``top_p`` (nucleus) restrict the candidates. Stops early when
+        every row has produced ``stop_token``.
+
+        With ``use_cache`` (the default) a KV cache makes each new token one position's
+        forward pass, so the cost grows linearly with the length. The model sees at most
+        ``context_length`` tokens: a longer prompt is cropped to its last ones, and when the
+        window fills up the cache restarts from its last half (without the cache, every
+        step sees exactly the last ``context_length`` tokens).
+        """
         was_training = self.training
         self.eval()
+        window = self.config.context_length
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        cache, pending = None, idx  # pending: the tokens the cache has not seen yet
         for _ in range(max_new_tokens):
-            context = idx[:, -self.config.context_length:]
-            logits = self(context)[0][:, -1, :].float()  # (B, V)
-            if temperature <= 0:
-                next_id = logits.argmax(dim=-1, keepdim=True)
+            if not use_cache:
+                logits = self(idx[:, -window:])[0][:, -1, :]
             else:
-                logits = logits / temperature
-                if top_k is not None and top_k > 0:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = F.softmax(logits, dim=-1)
-                next_id = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+                if cache is None or cache.length + pending.size(1) > window:
+                    keep = window if cache is None else max(1, window // 2)
+                    cache = KVCache(self.config, idx.size(0), idx.device, self.head.weight.dtype)
+                    pending = idx[:, -min(keep, window):]
+                logits = self(pending, cache=cache)[0][:, -1, :]
+            next_id = sample_next(logits.float(), temperature, top_k, top_p, generator)
             idx = torch.cat((idx, next_id), dim=1)
+            pending = next_id
             if stop_token is not None:
                 done |= next_id.squeeze(1) == stop_token
                 if bool(done.all()):
                     break
         self.train(was_training)
         return idx
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                top_p: float | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token id per row (B, 1) from last-position logits (B, V): the argmax at
+    temperature 0, else a draw from the softmax at that temperature, limited to the
+    ``top_k`` most likely tokens and to the smallest set whose probability reaches
+    ``top_p``."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token when the ones above it already reach top_p (the first always stays)
+        drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)

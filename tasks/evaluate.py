@@ -98,6 +98,8 @@ def write_samples(path: Path, config: EvaluateConfig, model: Llama, label: str,
     """Continue each prompt ``num_samples`` times; writes samples.md and returns the rows."""
     import torch
 
+    from models.generation import decode_continuation, encode_prompt
+
     generator = torch.Generator(device=device).manual_seed(config.seed)
     rows = []
     settings = (f"temperature {config.temperature}, top_k {config.top_k}, "
@@ -105,13 +107,12 @@ def write_samples(path: Path, config: EvaluateConfig, model: Llama, label: str,
     lines = [f"# Samples from the {label} model", "", settings, ""]
     for prompt in config.sample_prompts:
         # a leading EOS marks "start of a document", as every document followed one in training
-        idx = torch.tensor([[eos_id] + sp.encode(prompt)], device=device)
+        idx = torch.tensor([encode_prompt(sp, prompt, eos_id)], device=device)
         lines += [f"## {prompt.strip() or repr(prompt)}", ""]
         for _ in range(config.num_samples):
             out = model.generate(idx, config.max_new_tokens, config.temperature, config.top_k,
                                  stop_token=eos_id, generator=generator)
-            new = [t for t in out[0, idx.size(1):].tolist() if t != eos_id]
-            text = sp.decode(new)
+            text = decode_continuation(sp, out[0, idx.size(1):].tolist(), eos_id)
             rows.append({"prompt": prompt, "completion": text})
             lines += ["```text", prompt + text, "```", ""]
     write_text_atomic(path, "\n".join(lines))

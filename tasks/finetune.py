@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from models.config import Accelerator, Precision
+from models.config import Accelerator, Precision, check_devices, check_strategy
+from tasks.launch import across_devices, world_size
 from tasks.pretrain import copy_tokenizer
 from tasks.shards import iter_records
 from tasks.stage import StageInputError
@@ -29,11 +30,14 @@ from tasks.training import (
     ResumeSampler,
     TrainSettings,
     checkpoint_every_field,
+    devices_field,
     early_stopping_field,
     finish_model,
     keep_checkpoints_field,
     max_minutes_field,
+    num_nodes_field,
     run_training,
+    strategy_field,
 )
 
 if TYPE_CHECKING:  # torch and Lightning load when training starts, not with the config
@@ -84,7 +88,7 @@ class FinetuneConfig(BaseModel):
         60, ge=1,
         description="Optimizer steps of fine-tuning; a few passes over a few hundred pairs "
                     "(more overfits them).")
-    batch_size: int = Field(16, ge=1, description="Pairs per optimizer step.")
+    batch_size: int = Field(16, ge=1, description="Pairs per optimizer step (per device).")
     grad_clip: float = Field(1.0, ge=0.0, description="Gradient-norm clip; 0 = none.")
     val_every_steps: int = Field(
         20, ge=1, description="Measure the held-out loss every this many steps.")
@@ -99,10 +103,15 @@ class FinetuneConfig(BaseModel):
                             "bf16, else '32-true'.")
     accelerator: Accelerator = Field(
         "auto", description="Lightning accelerator: 'auto', 'cpu', 'gpu', 'cuda', 'mps'.")
-    devices: str | int = Field("auto", description="Devices to train on: 'auto' or a number.")
+    devices: str | int = devices_field()
+    strategy: str = strategy_field()
+    num_nodes: int = num_nodes_field()
     seed: int = Field(0, description="Seed for the order of pairs and dropout.")
     num_threads: int = Field(
         0, ge=0, description="CPU threads for torch; 0 = torch's default (all cores).")
+
+    _strategy = field_validator("strategy")(check_strategy)
+    _devices = field_validator("devices")(check_devices)
 
 
 def document_title(record: dict) -> str:
@@ -202,6 +211,7 @@ def pair_order(pairs: int, samples: int, seed: int) -> list[int]:
     return np.concatenate([rng.permutation(pairs) for _ in range(epochs)])[:samples].tolist()
 
 
+@across_devices
 def finetune(config: FinetuneConfig, tokenized_dir: Path, pretrained_dir: Path,
              corpus_dir: Path, out_dir: Path, on_metrics: MetricsFn | None = None) -> dict:
     """Fine-tune the pretrained model on response tokens; returns losses before and after."""
@@ -250,7 +260,8 @@ def finetune(config: FinetuneConfig, tokenized_dir: Path, pretrained_dir: Path,
                 "pairs_train": len(train_data), "pairs_val": len(val_data)}
     # the order of pairs for the whole run, fixed up front (epochs of seeded permutations),
     # so a resumed run continues it exactly
-    order = pair_order(len(train_data), config.max_steps * config.batch_size, config.seed)
+    order = pair_order(len(train_data), config.max_steps * config.batch_size
+                       * world_size(config), config.seed)
     ordered = Subset(train_data, order)
 
     def train_loader(samples_seen: int) -> DataLoader:
@@ -264,6 +275,8 @@ def finetune(config: FinetuneConfig, tokenized_dir: Path, pretrained_dir: Path,
     settings.flops_per_token = model.config.flops_per_token()
     outcome = run_training(settings, module, train_loader, val_loader, out_dir, resolved,
                            on_metrics)
+    if not outcome.is_global_zero:  # rank zero evaluates, writes and reports
+        return {}
     trainer, callback, seconds = outcome.trainer, outcome.callback, outcome.seconds
     val_after, val_tokens = evaluate_loss(model.to(device), val_data, config.batch_size, device,
                                           collate_trimmed)

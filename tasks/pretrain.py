@@ -8,6 +8,8 @@ loadable without Lightning), the resolved ``config.json``, the tokenizer and a l
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import math
 import shutil
@@ -16,18 +18,22 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from models.config import Accelerator, ModelConfig, Precision, check_strategy
+from models.config import Accelerator, ModelConfig, Precision, check_devices, check_strategy
+from tasks.launch import across_devices, world_size
 from tasks.shards import atomic_path
 from tasks.stage import StageInputError
 from tasks.training import (
     ResumeSampler,
     TrainSettings,
     checkpoint_every_field,
+    devices_field,
     early_stopping_field,
     finish_model,
     keep_checkpoints_field,
     max_minutes_field,
+    num_nodes_field,
     run_training,
+    strategy_field,
 )
 
 if TYPE_CHECKING:  # torch and Lightning load when training starts, not with the config
@@ -64,6 +70,18 @@ class PretrainConfig(BaseModel):
                           "defaults, 1.3M), medium (12M), gpt2-small (768 wide, 12 layers, 12 "
                           "heads, 1024 context: 88M; 124M with GPT-2's 50257-token "
                           "vocabulary). Empty: the fields as given.")
+    init_from: str = Field(
+        "", description="Continue training an earlier model instead of fresh weights: a "
+                        "training stage's output directory, an MLflow run id, or a runs:/ or "
+                        "models:/ URI (models:/forgeline/latest, models:/forgeline/3, "
+                        "models:/forgeline@champion). Its shape is kept (preset and the shape "
+                        "fields here are ignored) and the corpus is encoded with its "
+                        "tokenizer (tokenize reuses it instead of training one). Empty: a "
+                        "fresh model.")
+    init_if_missing: Literal["error", "fresh"] = Field(
+        "error", description="When init_from names a registered model that has no version "
+                             "yet: 'error' stops the run; 'fresh' starts from new weights (the "
+                             "first run of a schedule that continues its own model).")
     d_model: int = Field(128, ge=8, description="Width of the model (embedding size).")
     n_layers: int = Field(4, ge=1, description="Number of transformer blocks.")
     n_heads: int = Field(4, ge=1, description="Attention heads; must divide d_model.")
@@ -104,10 +122,9 @@ class PretrainConfig(BaseModel):
                     "else '32-true'; or any Lightning value such as '16-mixed'.")
     accelerator: Accelerator = Field(
         "auto", description="Lightning accelerator: 'auto', 'cpu', 'gpu', 'cuda', 'mps'.")
-    devices: str | int = Field(
-        "auto", description="Devices to train on: 'auto' or a number.")
-    strategy: str = Field(
-        "auto", description="Lightning strategy, e.g. 'auto' or 'ddp' for several GPUs.")
+    devices: str | int = devices_field()
+    strategy: str = strategy_field()
+    num_nodes: int = num_nodes_field()
     compile: bool = Field(
         False, description="torch.compile the model: faster steps on GPU after a slow start.")
     seed: int = Field(0, description="Seed for initialisation and the order of windows.")
@@ -127,6 +144,7 @@ class PretrainConfig(BaseModel):
     max_minutes: float = max_minutes_field()
 
     _strategy = field_validator("strategy")(check_strategy)
+    _devices = field_validator("devices")(check_devices)
 
     @model_validator(mode="before")
     @classmethod
@@ -178,9 +196,39 @@ def copy_tokenizer(tokenized_dir: Path, out_dir: Path) -> None:
         shutil.copyfile(tokenized_dir / "tokenizer.model", tmp)
 
 
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_parent_model(init_model: Path, tokenized_dir: Path, meta: dict):
+    """The model training continues from, after checking that the corpus was encoded with
+    its tokenizer (the same ids mean the same pieces)."""
+    from models.checkpoint import load_model
+
+    init_model = Path(init_model)
+    for name in ("model.pt", "tokenizer.model"):
+        if not (init_model / name).is_file():
+            raise StageInputError(STAGE, f"pretrain.init_from: {init_model} holds no {name}")
+    if file_sha256(init_model / "tokenizer.model") != \
+            file_sha256(tokenized_dir / "tokenizer.model"):
+        raise StageInputError(
+            STAGE, f"the corpus in {tokenized_dir} was encoded with another tokenizer than "
+                   f"the model in {init_model} was trained with: the same ids would mean "
+                   "other pieces. Tokenize with the model's tokenizer (the pipeline does this "
+                   "by itself when pretrain.init_from is set)")
+    parent = load_model(init_model / "model.pt")
+    if parent.config.vocab_size != meta["vocab_size"]:
+        raise StageInputError(STAGE, f"the model in {init_model} has {parent.config.vocab_size} "
+                                     f"token embeddings, the tokenizer {meta['vocab_size']}")
+    return parent
+
+
+@across_devices
 def pretrain(config: PretrainConfig, tokenized_dir: Path, out_dir: Path,
-             on_metrics: MetricsFn | None = None) -> dict:
-    """Train a fresh model on ``tokenized_dir``'s train.bin; returns steps and final losses."""
+             on_metrics: MetricsFn | None = None, init_model: Path | None = None) -> dict:
+    """Train a model on ``tokenized_dir``'s train.bin, fresh or, with ``init_model`` (a
+    directory with model.pt and tokenizer.model), continuing that one; returns steps and
+    final losses."""
     import lightning as L
     import torch
     from torch.utils.data import DataLoader
@@ -193,17 +241,31 @@ def pretrain(config: PretrainConfig, tokenized_dir: Path, out_dir: Path,
     tokenized_dir, out_dir = Path(tokenized_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = read_meta(tokenized_dir)
+    parent = None
+    if init_model is not None:
+        parent = load_parent_model(init_model, tokenized_dir, meta)
+        shape = parent.config
+        config = config.model_copy(update={
+            "preset": None, "d_model": shape.d_model, "n_layers": shape.n_layers,
+            "n_heads": shape.n_heads, "n_kv_heads": shape.n_kv_heads,
+            "context_length": shape.context_length})
     check_tokens(meta, config.context_length)
     model_config = model_config_for(config, meta["vocab_size"])
+    if parent is not None:  # its exact shape (and this run's dropout)
+        model_config = dataclasses.replace(parent.config, dropout=config.dropout)
     L.seed_everything(config.seed, workers=True, verbose=False)
     set_threads(config.num_threads)
 
     model = Llama(model_config)
+    if parent is not None:
+        model.load_state_dict(parent.state_dict())
+        log.info("pretrain: continuing from the model in %s (%.2fM parameters, context %d)",
+                 init_model, model.num_params() / 1e6, model_config.context_length)
     module = CausalLM(model, config.learning_rate, config.weight_decay, config.warmup_steps,
                       config.max_steps, config.min_lr_ratio)
     if config.compile:
         module.compile()
-    samples = config.max_steps * config.batch_size * config.grad_accum
+    samples = config.max_steps * config.batch_size * config.grad_accum * world_size(config)
     train_data = RandomWindows(tokenized_dir / "train.bin", meta["dtype"],
                                config.context_length, samples, seed=config.seed)
     val_data = StridedWindows(tokenized_dir / "val.bin", meta["dtype"], config.context_length,
@@ -217,7 +279,10 @@ def pretrain(config: PretrainConfig, tokenized_dir: Path, out_dir: Path,
 
     resolved = {"model": model_config.to_dict(), "training": config.model_dump(mode="json"),
                 "resolved": {"precision": precision}, "tokenizer": meta,
-                "params": model.num_params()}
+                "params": model.num_params(),
+                "init_from": ({"model_dir": str(init_model),
+                               "model_sha256": file_sha256(Path(init_model) / "model.pt")}
+                              if init_model is not None else None)}
     settings = TrainSettings.of(config, "pretrain", precision)
     settings.flops_per_token = model_config.flops_per_token()
 
@@ -232,9 +297,12 @@ def pretrain(config: PretrainConfig, tokenized_dir: Path, out_dir: Path,
                             generator=torch.Generator().manual_seed(config.seed))
     outcome = run_training(settings, module, train_loader, val_loader, out_dir, resolved,
                            on_metrics)
+    if not outcome.is_global_zero:  # rank zero evaluates, writes and reports
+        return {}
     trainer, callback, seconds = outcome.trainer, outcome.callback, outcome.seconds
     resolved["resolved"].update({"accelerator": trainer.accelerator.__class__.__name__,
-                                 "num_devices": trainer.num_devices})
+                                 "num_devices": trainer.num_devices,
+                                 "world_size": trainer.world_size})
 
     val_loss, _ = evaluate_loss(model, val_data, config.batch_size, module.device)
     train_loss_final = _mean_last(callback.train_history, 10)
@@ -255,11 +323,12 @@ def pretrain(config: PretrainConfig, tokenized_dir: Path, out_dir: Path,
                   "flops_per_token": model_config.flops_per_token(),
                   "train_loss_final": round(train_loss_final, 5),
                   "val_loss": round(val_loss, 5), "val_perplexity": round(math.exp(val_loss), 3),
-                  "tokens_seen": callback.tokens_seen,
+                  "tokens_seen": callback.tokens_seen * trainer.world_size,
                   "tokens_per_second": round(tokens_per_second, 1), "seconds": round(seconds, 2)},
         "artifacts": {"model": "model.pt", "config": "config.json",
                       "tokenizer_model": "tokenizer.model", "loss_curve": "loss_curve.png"},
         "resumed_from_step": outcome.resumed_from,
+        "continued_from": resolved["init_from"]["model_sha256"] if parent is not None else None,
     }
 
 

@@ -206,6 +206,23 @@ def encode_shard(model_file: str, shard: str, parts_dir: str, val_fraction: floa
     counts = {"train_tokens": 0, "val_tokens": 0, "train_documents": 0, "val_documents": 0,
               "train_bytes": 0, "val_bytes": 0}
     threads = os.cpu_count() or 1
+
+    def write(encoded: list[list[int]], held_out: np.ndarray, sizes: np.ndarray) -> None:
+        # one flat array for the batch (documents each ending in EOS), split by side with a
+        # per-token mask: no Python loop per document or per token
+        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        flat = np.fromiter(chain.from_iterable(encoded), dtype=dtype, count=int(lengths.sum()))
+        token_held_out = np.repeat(held_out, lengths) if held_out.any() else None
+        for side, wanted in (("train", False), ("val", True)):
+            docs = held_out == wanted
+            if not docs.any():
+                continue
+            tokens = flat if token_held_out is None else flat[token_held_out == wanted]
+            files[side].write(tokens.tobytes())
+            counts[f"{side}_tokens"] += len(tokens)
+            counts[f"{side}_documents"] += int(docs.sum())
+            counts[f"{side}_bytes"] += int(sizes[docs].sum())
+
     with atomic_path(parts / f"{shard.stem}.train.bin") as train_tmp, \
             atomic_path(parts / f"{shard.stem}.val.bin") as val_tmp, \
             open(train_tmp, "wb") as train_fh, open(val_tmp, "wb") as val_fh:
@@ -215,21 +232,9 @@ def encode_shard(model_file: str, shard: str, parts_dir: str, val_fraction: floa
             ids = [str(i) for i in batch.column("id").to_pylist()]
             texts = [text or "" for text in batch.column("text").to_pylist()]
             sizes = pc.fill_null(pc.binary_length(batch.column("text")), 0).to_numpy()
-            encoded = sp.encode(texts, num_threads=threads, add_eos=True)
-            held_out = [exceptions.get(i, is_validation(i, val_fraction)) for i in ids]
-            for side, wanted in (("train", False), ("val", True)):
-                rows = [n for n, out in enumerate(held_out) if out is wanted]
-                if not rows:
-                    continue
-                # one array per side and batch (documents each ending in EOS), not one per
-                # document: the stage then runs at about sentencepiece's own speed
-                total = sum(len(encoded[n]) for n in rows)
-                flat = np.fromiter(chain.from_iterable(encoded[n] for n in rows), dtype=dtype,
-                                   count=total)
-                files[side].write(flat.tobytes())
-                counts[f"{side}_tokens"] += total
-                counts[f"{side}_documents"] += len(rows)
-                counts[f"{side}_bytes"] += int(sizes[rows].sum())
+            held_out = np.fromiter((exceptions.get(i, is_validation(i, val_fraction))
+                                    for i in ids), dtype=bool, count=len(ids))
+            write(sp.encode(texts, num_threads=threads, add_eos=True), held_out, sizes)
     write_text_atomic(done, json.dumps(counts))
     return counts
 
@@ -243,24 +248,9 @@ def join_parts(parts_dir: Path, stems: list[str], out_dir: Path) -> None:
                     shutil.copyfileobj(part, out, 1 << 20)
 
 
-def tokenize_corpus(config: TokenizeConfig, input_dir: Path, out_dir: Path,
-                    mapper: Mapper | None = None) -> dict:
-    """Train the tokenizer on the training documents and write the token bins and meta.json.
-
-    The tokenizer is trained once, on the training documents' lines; the shards are then
-    encoded one task per shard (``mapper``) and joined in shard order."""
-    import numpy as np
-    import sentencepiece as spm
-
-    started = time.perf_counter()
-    input_dir, out_dir = Path(input_dir), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if count_records(input_dir) == 0:
-        raise StageInputError(STAGE, f"no documents in {input_dir}: the corpus is empty. Check "
-                                     "the earlier stages' counts (filter/dedup may have removed "
-                                     "everything)")
-    val_ids, total, forced_train = split_ids(input_dir, config.val_fraction)
-
+def train_and_save_tokenizer(config: TokenizeConfig, input_dir: Path, out_dir: Path,
+                             val_ids: set, total: int) -> None:
+    """Train the tokenizer on the training documents' lines into out_dir."""
     with tempfile.TemporaryDirectory(prefix="forgeline-tokenize-") as tmp:
         text_path = Path(tmp) / "train.txt"
         lines, chars = write_training_text(input_dir, val_ids, text_path,
@@ -274,6 +264,62 @@ def tokenize_corpus(config: TokenizeConfig, input_dir: Path, out_dir: Path,
         for suffix in (".model", ".vocab"):
             with atomic_path(out_dir / f"tokenizer{suffix}") as dest:
                 shutil.copyfile(Path(tmp) / f"tokenizer{suffix}", dest)
+
+
+def reuse_tokenizer(tokenizer: Path, out_dir: Path) -> None:
+    """Encode with an existing sentencepiece model: copy it, with its vocabulary listing."""
+    import sentencepiece as spm
+
+    if not tokenizer.is_file():
+        raise StageInputError(STAGE, f"no tokenizer at {tokenizer}")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    except (OSError, RuntimeError) as exc:
+        raise StageInputError(STAGE, f"{tokenizer} is not a sentencepiece model "
+                                     f"({type(exc).__name__})") from exc
+    log.info("tokenize: encoding with the given tokenizer %s (vocab %d); none is trained",
+             tokenizer, sp.get_piece_size())
+    with atomic_path(out_dir / "tokenizer.model") as dest:
+        shutil.copyfile(tokenizer, dest)
+    vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n"
+                    for i in range(sp.get_piece_size()))
+    write_text_atomic(out_dir / "tokenizer.vocab", vocab)
+
+
+def sp_model_type(path: Path) -> str:
+    """'bpe', 'unigram', ... as the sentencepiece model file says."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(path).read_bytes())
+    return sentencepiece_model_pb2.TrainerSpec.ModelType.Name(
+        proto.trainer_spec.model_type).lower()
+
+
+def tokenize_corpus(config: TokenizeConfig, input_dir: Path, out_dir: Path,
+                    mapper: Mapper | None = None, tokenizer: Path | None = None) -> dict:
+    """Train the tokenizer on the training documents and write the token bins and meta.json.
+
+    The tokenizer is trained once, on the training documents' lines; the shards are then
+    encoded one task per shard (``mapper``) and joined in shard order. With ``tokenizer``
+    (the sentencepiece model of a model that training continues from) that one encodes
+    the corpus instead, and none is trained."""
+    import numpy as np
+    import sentencepiece as spm
+
+    started = time.perf_counter()
+    input_dir, out_dir = Path(input_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if count_records(input_dir) == 0:
+        raise StageInputError(STAGE, f"no documents in {input_dir}: the corpus is empty. Check "
+                                     "the earlier stages' counts (filter/dedup may have removed "
+                                     "everything)")
+    val_ids, total, forced_train = split_ids(input_dir, config.val_fraction)
+
+    if tokenizer is not None:
+        reuse_tokenizer(Path(tokenizer), out_dir)
+    else:
+        train_and_save_tokenizer(config, input_dir, out_dir, val_ids, total)
 
     sp = spm.SentencePieceProcessor(model_file=str(out_dir / "tokenizer.model"))
     vocab_size = sp.get_piece_size()
@@ -293,7 +339,7 @@ def tokenize_corpus(config: TokenizeConfig, input_dir: Path, out_dir: Path,
     counts = {key: sum(part[key] for part in parts) for key in parts[0]}
     meta = {"dtype": dtype.name, "vocab_size": vocab_size, "bos_id": sp.bos_id(),
             "eos_id": sp.eos_id(), "pad_id": sp.pad_id(), "unk_id": sp.unk_id(),
-            "model_type": config.model_type, **counts}
+            "model_type": sp_model_type(out_dir / "tokenizer.model"), **counts}
     write_text_atomic(out_dir / VAL_IDS, json.dumps(sorted(val_ids)))
     write_text_atomic(out_dir / "meta.json", json.dumps(meta, indent=2))
 

@@ -15,6 +15,11 @@ A run that is killed (even by SIGKILL) and run again finds its newest checkpoint
 logs ``resuming from step N`` and continues: the data loaders are built to start after
 the samples the checkpoint had consumed (every order is fixed by a seed up front), so no
 batch is repeated or skipped and the losses are those of an uninterrupted run.
+
+On several devices (processes started by ``tasks.launch``, torchrun or SLURM) every
+process runs this too: each reads its own share of the samples (``ResumeSampler``), the
+decisions to checkpoint, stop or keep a best checkpoint are taken together, and only
+global rank zero writes files.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from typing import Any
 
 from pydantic import Field
 
+from tasks.launch import processes_to_start, stop_requested
 from tasks.shards import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -61,6 +67,34 @@ def early_stopping_field():
     return Field(0, ge=0, description="Stop when the validation loss has not improved for "
                                       "this many validations in a row; 0 = train all "
                                       "max_steps.")
+
+
+def devices_field():
+    return Field("auto", description="Devices per machine, one training process each: a "
+                                     "number, -1 or 'auto' for all of the accelerator's (a "
+                                     "CPU counts as one), or GPU indices such as '0,2'. With "
+                                     "more than one, forgeline starts a process per device "
+                                     "itself (also inside `forgeline run`); only rank zero "
+                                     "writes files and logs to MLflow.")
+
+
+def strategy_field():
+    return Field("auto", description="Lightning strategy: 'auto' (DDP when there are several "
+                                     "devices), 'ddp' (a copy of the model per device, "
+                                     "gradients averaged; over gloo on CPU), 'fsdp' (weights, "
+                                     "gradients and optimizer state sharded over GPUs) or "
+                                     "another Lightning name. Each device reads its own "
+                                     "batches: a step holds batch_size x grad_accum x devices "
+                                     "x num_nodes samples.")
+
+
+def num_nodes_field():
+    return Field(1, ge=1, description="Machines to train on. Above 1 the processes must be "
+                                      "started on every machine by an external launcher "
+                                      "(torchrun --nnodes N --nproc-per-node <devices>, or "
+                                      "SLURM's srun), which sets the ranks; without one the "
+                                      "stage stops with an error, as forgeline starts "
+                                      "processes on one machine only.")
 
 
 def max_minutes_field():
@@ -102,6 +136,7 @@ class TrainSettings:
     max_minutes: float = 0.0
     flops_per_token: int | None = None  # for FLOP/s and MFU
     peak_tflops: float = 0.0  # 0: a known GPU's bf16 peak, else no MFU
+    num_nodes: int = 1
 
     @classmethod
     def of(cls, config, name: str, precision: str) -> TrainSettings:
@@ -116,7 +151,8 @@ class TrainSettings:
             checkpoint_every_steps=config.checkpoint_every_steps,
             keep_checkpoints=config.keep_checkpoints,
             early_stopping_patience=config.early_stopping_patience,
-            max_minutes=config.max_minutes, peak_tflops=getattr(config, "peak_tflops", 0.0))
+            max_minutes=config.max_minutes, peak_tflops=getattr(config, "peak_tflops", 0.0),
+            num_nodes=getattr(config, "num_nodes", 1))
 
 
 @dataclass
@@ -126,20 +162,40 @@ class TrainOutcome:
     seconds: float
     resumed_from: int  # 0 for a fresh run
 
+    @property
+    def is_global_zero(self) -> bool:
+        """True in the process that writes the model (the only one, unless distributed)."""
+        return self.trainer.is_global_zero
+
+    @property
+    def world_size(self) -> int:
+        return self.trainer.world_size
+
 
 class ResumeSampler:
     """Indices ``start, start+1, ... total-1`` of a dataset whose order is fixed up front,
     while reporting the whole length: a resumed Lightning epoch counts its batches from
-    where the checkpoint stopped, so the loader must not look shorter than the run."""
+    where the checkpoint stopped, so the loader must not look shorter than the run.
 
-    def __init__(self, start: int, total: int):
+    With ``world_size`` processes, rank ``r`` reads ``start+r, start+r+world_size, ...``
+    (``start`` counts the samples of all ranks), so the ranks' shares are disjoint and
+    together are the samples a single process would read, in the same order."""
+
+    def __init__(self, start: int, total: int, rank: int = 0, world_size: int = 1):
         self.start, self.total = start, total
+        self.shard(rank, world_size)
+
+    def shard(self, rank: int, world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        self.rank, self.world_size = rank, world_size
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.start, self.total))
+        end = len(self) * self.world_size  # every rank gets as many samples
+        return iter(range(self.start + self.rank, end, self.world_size))
 
     def __len__(self) -> int:
-        return self.total
+        return self.total // self.world_size
 
 
 def checkpoint_files(out_dir: Path) -> list[tuple[int, Path]]:
@@ -224,8 +280,9 @@ def _checkpoint_callback(settings: TrainSettings, out_dir: Path, stop: dict):
                 return
             self._save(trainer, out_dir / CHECKPOINTS / f"step-{step:06d}.ckpt")
             self.last_saved = step
-            for _, old in checkpoint_files(out_dir)[:-settings.keep_checkpoints]:
-                old.unlink(missing_ok=True)
+            if trainer.is_global_zero:
+                for _, old in checkpoint_files(out_dir)[:-settings.keep_checkpoints]:
+                    old.unlink(missing_ok=True)
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             if stop.get("rng") is not None:
@@ -239,20 +296,41 @@ def _checkpoint_callback(settings: TrainSettings, out_dir: Path, stop: dict):
             # SIGINT reaches our handler; Lightning takes SIGTERM itself, notes it, and
             # raises after this hook: either way, the step is saved first
             signalled = stop["signal"] or (signal.SIGTERM if getattr(
-                trainer, "received_sigterm", False) else None)
+                trainer, "received_sigterm", False) or stop_requested() else None)
+            if trainer.world_size > 1:  # one rank's signal stops them all, at the same step
+                anyone = trainer.strategy.reduce_boolean_decision(bool(signalled), all=False)
+                signalled = signalled or (signal.SIGTERM if anyone else None)
             if signalled:
                 self.save_step(trainer)
                 trainer.should_stop = True
+                stop["stopped"] = True
                 log.warning("%s: signal %d: wrote a checkpoint at step %d and stopped",
                             settings.name, signalled, step)
             elif step % settings.checkpoint_every_steps == 0 and step < settings.max_steps:
                 self.save_step(trainer)
 
+        def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+            # Lightning also checks for SIGTERM after this callback's batch-end hook: a
+            # signal that lands in between stops the fit there, so the step is saved here
+            from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+            if isinstance(exception, SIGTERMException) and trainer.global_step > 0 \
+                    and trainer.global_step != self.last_saved:
+                self.save_step(trainer)
+                stop["stopped"] = True
+                log.warning("%s: SIGTERM: wrote a checkpoint at step %d and stopped",
+                            settings.name, trainer.global_step)
+
         def on_validation_end(self, trainer, pl_module) -> None:
-            val = trainer.callback_metrics.get("val_loss")
-            if trainer.sanity_checking or val is None or float(val) >= self.best:
+            if trainer.sanity_checking:
                 return
-            self.best = float(val)
+            val = trainer.callback_metrics.get("val_loss")
+            val = float("inf") if val is None else float(val)
+            if trainer.world_size > 1:  # every rank saves (a collective) or none does
+                val = trainer.strategy.broadcast(val, src=0)
+            if val >= self.best:
+                return
+            self.best = val
             self._save(trainer, out_dir / CHECKPOINTS / "best.ckpt")
 
         def state_dict(self) -> dict:
@@ -269,16 +347,20 @@ def run_training(settings: TrainSettings, module, train_loader: Callable[[int], 
                  on_metrics: Callable | None = None) -> TrainOutcome:
     """Fit ``module`` for ``settings.max_steps`` optimizer steps, resuming from the newest
     checkpoint in ``out_dir`` if there is one. ``train_loader(samples_seen)`` must return
-    the training batches that follow the first ``samples_seen`` samples, in a fixed order."""
+    the training batches that follow the first ``samples_seen`` samples, in a fixed order;
+    with several processes its sampler must be a ``ResumeSampler`` (split here by rank)
+    over a dataset sized for all of them (``samples_seen`` counts every rank's samples)."""
     from lightning.pytorch.callbacks import EarlyStopping
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from models.lightning import MetricsCallback, make_trainer, peak_flops
 
+    if processes_to_start(settings, settings.name):
+        # Lightning would start the other processes by running this program again
+        raise RuntimeError(f"{settings.name}: training on several devices must be started "
+                           "through tasks.launch.across_devices (or torchrun / SLURM)")
     out_dir = Path(out_dir)
     (out_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / CHECKPOINTS / "config.json",
-                      json.dumps(resolved_config, indent=2, default=str))
     existing = checkpoint_files(out_dir)
     resume_step, ckpt_path = (existing[-1] if existing else (0, None))
     if ckpt_path is not None:
@@ -315,18 +397,28 @@ def run_training(settings: TrainSettings, module, train_loader: Callable[[int], 
             val_every_steps=min(settings.val_every_steps, settings.max_steps),
             precision=settings.precision, accelerator=settings.accelerator,
             devices=settings.devices, strategy=settings.strategy,
-            callbacks=callbacks, root_dir=out_dir,
+            num_nodes=settings.num_nodes, callbacks=callbacks, root_dir=out_dir,
             max_minutes=settings.max_minutes or None)
-        samples_seen = resume_step * settings.grad_accum * settings.batch_size
+        if trainer.is_global_zero:
+            write_text_atomic(out_dir / CHECKPOINTS / "config.json",
+                              json.dumps(resolved_config, indent=2, default=str))
+        per_rank = settings.max_steps * settings.grad_accum * settings.batch_size
+        loader = train_loader(resume_step * settings.grad_accum * settings.batch_size
+                              * trainer.world_size)
+        _shard(loader, trainer, per_rank, settings.name)
         started = time.perf_counter()
         try:
-            trainer.fit(module, train_loader(samples_seen), val_loader,
-                        ckpt_path=str(ckpt_path) if ckpt_path else None)
-        except SIGTERMException:
-            raise TrainingInterrupted(settings.name, trainer.global_step) from None
-        seconds = time.perf_counter() - started
-        if stop["signal"] is not None:
-            raise TrainingInterrupted(settings.name, trainer.global_step)
+            try:
+                trainer.fit(module, loader, val_loader,
+                            ckpt_path=str(ckpt_path) if ckpt_path else None)
+            except SIGTERMException:
+                raise TrainingInterrupted(settings.name, trainer.global_step) from None
+            seconds = time.perf_counter() - started
+            if stop["signal"] is not None or stop.get("stopped"):
+                raise TrainingInterrupted(settings.name, trainer.global_step)
+            _gather_sharded_weights(trainer, module)
+        finally:
+            _end_single_process_group(trainer)
     if trainer.global_step < settings.max_steps:
         reason = (f"the wall-clock budget of {settings.max_minutes:g} minutes ran out"
                   if not _time_left(trainer) else "the validation loss stopped improving for "
@@ -334,6 +426,45 @@ def run_training(settings: TrainSettings, module, train_loader: Callable[[int], 
         log.info("%s: stopped at step %d of %d: %s", settings.name, trainer.global_step,
                  settings.max_steps, reason)
     return TrainOutcome(trainer, metrics, seconds, resume_step)
+
+
+def _end_single_process_group(trainer) -> None:
+    """A DDP-like strategy on one device opens a process group in this process and leaves
+    it open; a later training stage here (on another device type, say) must not find it."""
+    import torch.distributed as dist
+
+    if trainer.world_size == 1 and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _shard(loader, trainer, per_rank: int, name: str) -> None:
+    """Give each rank its share of the training samples (a single process reads them all)."""
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(sampler, ResumeSampler):
+        if trainer.world_size > 1:
+            raise TypeError(f"{name}: training on {trainer.world_size} processes needs the "
+                            "train loader's sampler to be a ResumeSampler")
+        return
+    sampler.shard(trainer.global_rank, trainer.world_size)
+    if len(sampler) < per_rank:
+        raise ValueError(f"{name}: the training data holds {sampler.total} samples, but "
+                         f"{trainer.world_size} processes need {per_rank * trainer.world_size}"
+                         " (is the dataset sized for the number of processes?)")
+
+
+def _gather_sharded_weights(trainer, module) -> None:
+    """Under FSDP each rank holds a shard of the weights: collect the full ones (every rank
+    takes part) into rank zero's module, so the model can be evaluated and saved there."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return
+    state = trainer.strategy.lightning_module_state_dict()  # full on rank zero only
+    if not trainer.is_global_zero:
+        return
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if name in state:
+            tensor.data = state[name].to(tensor.device)
 
 
 def _time_left(trainer) -> bool:
@@ -356,6 +487,8 @@ def finish_model(outcome: TrainOutcome, model, out_dir: Path, resolved_config: d
     from models.checkpoint import save_model
     from models.evaluation import plot_loss_curve
 
+    if not outcome.is_global_zero:  # only global rank zero writes
+        return
     save_model(out_dir / "model.pt", model.cpu(), extra)
     write_text_atomic(out_dir / "config.json", json.dumps(
         {**resolved_config, "resumed_from_step": outcome.resumed_from}, indent=2, default=str))

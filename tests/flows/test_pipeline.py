@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from flows.config import DATA_STAGES, STAGES, load_config
@@ -31,7 +32,8 @@ def children_of(client, run):
         filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'")
 
 
-def test_full_run_is_tracked_and_a_rerun_reuses_every_stage(prefect_server, corpus, tmp_path):
+def test_full_run_is_tracked_and_a_rerun_reuses_every_stage(prefect_server, corpus, tmp_path,
+                                                            capsys):
     work = tmp_path / "work"
     first = run(work, [f"source.paths=[{corpus}]"])
     assert list(first["stages"]) == list(STAGES)
@@ -64,12 +66,43 @@ def test_full_run_is_tracked_and_a_rerun_reuses_every_stage(prefect_server, corp
     evaluate_run = next(c for c in children if c.data.tags["forgeline.stage"] == "evaluate")
     assert {"pretrained_val_perplexity", "unigram_val_perplexity", "pretrained_bits_per_byte",
             "finetuned_val_perplexity"} <= set(evaluate_run.data.metrics)
+    # the fine-tuned model, logged on the parent run and registered with its metrics
+    assert first["registered_model"]["model_uri"] == "models:/forgeline/1"
+    version = client.get_model_version("forgeline", "1")
+    finetune_run = next(c for c in children if c.data.tags["forgeline.stage"] == "finetune")
+    assert version.run_id == parent.info.run_id
+    assert version.tags["forgeline.stage_run_id"] == finetune_run.info.run_id
+    assert float(version.tags["val_perplexity"]) == pytest.approx(
+        parent.data.metrics["val_perplexity"], rel=1e-5)
+    assert parent.data.tags["forgeline.registered_model"] == "models:/forgeline/1"
 
     second = run(work, [f"source.paths=[{corpus}]"])
     assert all(s["reused"] for s in second["stages"].values())
     assert second["mlflow_run_id"] != first["mlflow_run_id"]
     assert second["stages"]["pii"]["output"] == first["stages"]["pii"]["output"]
     assert children_of(client, client.get_run(second["mlflow_run_id"]))  # still one per stage
+    assert second["registered_model"]["version"] == "2"  # every pipeline run registers one
+
+    # the model leaves the pipeline: `forgeline export` takes the newest run's fine-tuned
+    # model, and `forgeline generate` samples the registered version and the export alike
+    from transformers import AutoModelForCausalLM
+
+    from flows.cli import main
+    from models.checkpoint import load_model
+
+    assert main(["export", "--out", str(tmp_path / "hf"), "--workdir", str(work)]) == 0
+    assert second["mlflow_run_id"] in capsys.readouterr().out  # the newest run's model
+    finetuned = load_model(Path(second["stages"]["finetune"]["output"]) / "model.pt")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True)
+    idx = torch.randint(0, finetuned.config.vocab_size, (1, 16))
+    with torch.no_grad():
+        assert (exported(idx).logits - finetuned(idx)[0]).abs().max().item() < 1e-4
+    texts = []
+    for model in ("models:/forgeline/2", str(tmp_path / "hf")):
+        assert main(["generate", "--model", model, "--prompt", "The ", "--temperature", "0",
+                     "--max-new-tokens", "8", "--workdir", str(work)]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1]
 
 
 def test_until_stops_and_disabled_stage_passes_documents_on(prefect_server, corpus, tmp_path):
@@ -79,6 +112,7 @@ def test_until_stops_and_disabled_stage_passes_documents_on(prefect_server, corp
     assert result["stages"]["dedup"]["skipped"]
     assert "doc-dup" in texts_by_id(result["stages"]["pii"]["output"])  # nothing deduplicated
     assert "val_perplexity" not in result["metrics"]
+    assert result["registered_model"] is None  # nothing trained, nothing registered
 
 
 def test_failed_stage_is_redone_alone_after_the_cause_is_fixed(prefect_server, corpus, tmp_path):

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from models.checkpoint import load_model, save_model
-from models.llama import Llama, ModelConfig, apply_rope, default_mlp_hidden, rope_cache
+from models.llama import (
+    KVCache,
+    Llama,
+    ModelConfig,
+    apply_rope,
+    default_mlp_hidden,
+    rope_cache,
+    sample_next,
+)
 
 
 def tiny(**overrides) -> Llama:
@@ -84,6 +92,46 @@ def test_generate_appends_tokens_and_crops_long_prompts():
     assert model.generate(long_prompt, max_new_tokens=4).shape == (1, 44)
     greedy = [model.generate(long_prompt, 4, temperature=0)[0, -4:] for _ in range(2)]
     assert torch.equal(*greedy)
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+def test_kv_cache_gives_the_full_forward_passs_logits(n_kv_heads):
+    model = tiny(n_kv_heads=n_kv_heads).eval()
+    idx = torch.randint(0, 64, (2, 12))
+    full = model(idx)[0]
+    cache = KVCache(model.config, 2, torch.device("cpu"))
+    pieces = [model(idx[:, :5], cache=cache)[0],  # a prompt, then 3 tokens, then one at a time
+              model(idx[:, 5:8], cache=cache)[0]]
+    pieces += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(8, 12)]
+    assert cache.length == 12
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="exceeds context_length"):
+        model(torch.zeros(2, 5, dtype=torch.long), cache=cache)  # 12 + 5 > 16
+
+
+def test_cached_generation_matches_uncached_within_the_window():
+    model = tiny()
+    prompt = torch.randint(0, 64, (2, 4))
+    cached = model.generate(prompt, 12, temperature=0)  # 16 tokens: the whole window
+    plain = model.generate(prompt, 12, temperature=0, use_cache=False)
+    assert torch.equal(cached, plain)
+    sampled = [model.generate(prompt, 12, top_k=20, top_p=0.9,
+                              generator=torch.Generator().manual_seed(3), use_cache=use)
+               for use in (True, False)]
+    assert torch.equal(*sampled)
+    # past the window the cache restarts from its last half and generation goes on
+    assert model.generate(prompt, 40, temperature=0).shape == (2, 44)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    draws = {sample_next(logits, 1.0, top_p=0.8, generator=torch.Generator().manual_seed(s)).item()
+             for s in range(200)}
+    assert draws == {0, 1}  # 0.5 + 0.3 reach 0.8: tokens 2 and 3 are never drawn
+    draws = {sample_next(logits, 1.0, top_p=0.81, generator=torch.Generator().manual_seed(s)).item()
+             for s in range(200)}
+    assert draws == {0, 1, 2}
+    assert sample_next(logits, 0.0).item() == 0
 
 
 def test_grouped_query_attention_and_untied_head():

@@ -138,3 +138,35 @@ def test_sigterm_writes_a_checkpoint_at_the_current_step_and_a_rerun_resumes_the
     resumed = start(tokenized, tmp_path / "stopped")
     _, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0 and f"resuming from step {stopped_at}" in err, err[-2000:]
+
+
+def test_a_sigterm_after_the_checkpoint_hook_still_saves_that_step(tokenized, tmp_path):
+    """Lightning looks for SIGTERM once more after the callbacks' batch-end hooks: a signal
+    that lands there (sent here by the module's own batch-end hook, which runs after the
+    callbacks') stops the fit, and the step is still saved."""
+    from torch.utils.data import DataLoader
+
+    from models.data import RandomWindows, StridedWindows, read_meta
+    from models.lightning import CausalLM
+    from models.llama import Llama, ModelConfig
+    from tasks.training import ResumeSampler, TrainingInterrupted, TrainSettings, run_training
+
+    class SignalsItself(CausalLM):
+        def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+            if self.trainer.global_step == 7:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    meta = read_meta(tokenized)
+    shape = {"context_length": 16, "d_model": 16, "n_layers": 1, "n_heads": 2}
+    config = PretrainConfig(**shape, max_steps=50, batch_size=4, val_every_steps=50,
+                            checkpoint_every_steps=100)
+    module = SignalsItself(Llama(ModelConfig(vocab_size=meta["vocab_size"], **shape)),
+                           1e-3, 0.0, 1, 50, 0.1)
+    train = RandomWindows(tokenized / "train.bin", meta["dtype"], 16, 50 * 4)
+    val = StridedWindows(tokenized / "val.bin", meta["dtype"], 16, max_windows=4)
+    with pytest.raises(TrainingInterrupted, match="interrupted at step 7"):
+        run_training(TrainSettings.of(config, "pretrain", "32-true"), module,
+                     lambda seen: DataLoader(train, batch_size=4,
+                                             sampler=ResumeSampler(seen, len(train))),
+                     DataLoader(val, batch_size=4), tmp_path / "out", {})
+    assert [step for step, _ in checkpoint_files(tmp_path / "out")] == [7]
