@@ -41,7 +41,16 @@ examples:
   forgeline generate --model models:/forgeline/latest --prompt 'import json'
 """
 
-MODEL_FORMS = """models (--model, --run):
+EXPORT_SOURCES = """sources:
+  (default)                          the newest pipeline run in --workdir that trained
+  --run <run id> | runs:/<run id>    an MLflow pipeline or training-stage run
+  --run models:/forgeline/3 | models:/forgeline/latest | models:/forgeline@champion
+                                     a registered model version
+  --run work/stages/pretrain-<key>/  a training stage's output
+  Run ids and URIs are looked up in $MLFLOW_TRACKING_URI, else in the store of --workdir.
+"""
+
+MODEL_FORMS = """models (--model):
   work/stages/pretrain-<key>/        a training stage's output (model.pt, tokenizer.model)
   work/stages/.../checkpoints/best.ckpt
                                      a training checkpoint, also of an interrupted run
@@ -90,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser(
         "export", help="write the final model in Hugging Face transformers format",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=MODEL_FORMS,
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXPORT_SOURCES,
         description="Write a trained model as a transformers LlamaForCausalLM (config.json, "
                     "model.safetensors) with its sentencepiece tokenizer as a transformers "
                     "tokenizer (tokenizer.json): AutoModelForCausalLM.from_pretrained(DIR) "
@@ -98,12 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "fine-tuning ran, else pretrained) of the newest pipeline run in the "
                     "work directory.")
     export.add_argument("--out", required=True, metavar="DIR", help="directory to write")
-    where = export.add_mutually_exclusive_group()
-    where.add_argument("--workdir", default=os.environ.get("FORGELINE_WORKDIR", "work"),
-                       metavar="W", help="the work directory whose newest run to export "
-                                         "(default: ./work, or $FORGELINE_WORKDIR)")
-    where.add_argument("--run", metavar="ID", help="an MLflow run id (pipeline or training "
-                                                   "stage) or model URI instead")
+    export.add_argument("--workdir", default=os.environ.get("FORGELINE_WORKDIR", "work"),
+                        metavar="W", help="the work directory whose newest run to export, "
+                                          "and whose MLflow store resolves --run (default: "
+                                          "./work, or $FORGELINE_WORKDIR)")
+    export.add_argument("--run", metavar="ID", help="an MLflow run id (pipeline or training "
+                                                    "stage), a model URI or a stage output "
+                                                    "directory instead (below)")
 
     generate = commands.add_parser(
         "generate", help="continue a prompt with a trained model",
@@ -276,6 +286,18 @@ def cmd_generate(args) -> int:
         return _fail("--max-new-tokens and --temperature must be at least 0", 2)
     if args.top_p is not None and not 0 < args.top_p <= 1:
         return _fail(f"--top-p must be in (0, 1], got {args.top_p}", 2)
+    if args.top_k is not None and args.top_k < 1:
+        return _fail(f"--top-k must be at least 1, got {args.top_k}", 2)
+    if args.device is not None:
+        import torch
+
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            return _fail(f"--device {args.device!r} is not a torch device (cpu, cuda, "
+                         "cuda:1, mps)", 2)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return _fail(f"--device {args.device}: no CUDA GPU here; use --device cpu", 2)
     install_log_redaction()
     with ExitStack() as stack:
         try:

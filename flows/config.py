@@ -79,6 +79,11 @@ class RegistryConfig(BaseModel):
                           "pretrained) on the pipeline's MLflow run as an MLflow model that "
                           "generates text, and register it as a new version of model_name. "
                           "false skips both.")
+    stage: Literal["final", "pretrain"] = Field(
+        "final", description="Which model to log and register: 'final' (the fine-tuned one "
+                             "when fine-tuning ran, else the pretrained one) or 'pretrain' "
+                             "(the pretrained base model: what a schedule that continues "
+                             "pretraining with pretrain.init_from must build on).")
     model_name: str = Field(
         "forgeline", min_length=1, max_length=256, pattern=r"^[^/:@]+$",
         description="Name of the registered model in the MLflow Model Registry (no '/', ':' "

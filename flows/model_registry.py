@@ -363,22 +363,22 @@ def download_model(ref: str, tracking_uri: str, dest: str | Path) -> Path:
     if not ref:
         raise ModelReferenceError(f"no model given; expected {REFERENCE_FORMS}")
     dest = Path(dest)
-    client = _client(tracking_uri)
+    local = Path(ref).expanduser()
+    if local.is_dir():
+        return _local_model_dir(local)
+    if not ref.startswith(("models:/", "runs:/")) and not RUN_ID.fullmatch(ref):
+        if local.exists():
+            raise ModelReferenceError(f"{ref} is a file; expected {REFERENCE_FORMS}")
+        raise ModelReferenceError(f"{ref!r} is not a directory, MLflow run id or model URI; "
+                                  f"expected {REFERENCE_FORMS}")
+    client = _client(tracking_uri)  # only now: a client of a SQLite store creates it
     with _masked_errors():
         if ref.startswith("models:/"):
             return _fetch(client, tracking_uri, _registry_location(client, ref), ref, dest)
         if ref.startswith("runs:/"):
             run_id, _, path = ref[len("runs:/"):].strip("/").partition("/")
             return _from_run(client, tracking_uri, run_id, path, dest, ref)
-        local = Path(ref).expanduser()
-        if local.is_dir():
-            return _local_model_dir(local)
-        if RUN_ID.fullmatch(ref):
-            return _from_run(client, tracking_uri, ref, "", dest, ref)
-    if local.exists():
-        raise ModelReferenceError(f"{ref} is a file; expected {REFERENCE_FORMS}")
-    raise ModelReferenceError(f"{ref!r} is not a directory, MLflow run id or model URI; "
-                              f"expected {REFERENCE_FORMS}")
+        return _from_run(client, tracking_uri, ref, "", dest, ref)
 
 
 def _local_model_dir(directory: Path) -> Path:

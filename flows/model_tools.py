@@ -149,13 +149,16 @@ def load_any_generator(ref: str, *, workdir: str | os.PathLike = "work",
 
 
 def registered_version(ref: str, tracking_uri: str) -> str | None:
-    """``models:/<name>/<version>`` for a registry reference (``latest`` and aliases
-    resolved); None when ``ref`` is no ``models:/`` URI or names no existing version."""
+    """``models:/<name>/<version>`` for a registry reference, ``latest`` and aliases
+    resolved. None only where the reference asks for the latest version
+    (``models:/<name>``, ``models:/<name>/latest``) of a name that has none yet; anything
+    else that cannot be resolved (an unknown version or alias, an unreachable store)
+    raises ModelReferenceError."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    if not ref.startswith("models:/"):
-        return None
+    from tasks.redact import redact_secrets
+
     body = ref[len("models:/"):].strip("/")
     client = MlflowClient(tracking_uri)
     try:
@@ -169,29 +172,38 @@ def registered_version(ref: str, tracking_uri: str) -> str | None:
                 return None
             version = str(max(int(v.version) for v in versions))
         return f"models:/{name}/{client.get_model_version(name, version).version}"
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        raise ModelReferenceError(f"{redact_secrets(ref)}: {redact_secrets(exc.message)}") \
+            from None
 
 
-def fetch_init_model(ref: str, if_missing: str, workdir: str | os.PathLike,
-                     uri: str) -> dict | None:
+FRESH = "fresh"  # the parent_model tag of a run that found no version and started fresh
+
+
+def fetch_init_model(ref: str, if_missing: str, workdir: str | os.PathLike, uri: str,
+                     pinned: str | None = None) -> dict | None:
     """The model that pretraining continues from, in ``<workdir>/init-models/<digest>/``
     (named by the content of its model.pt, so a new version is a new directory and a new
-    stage key): ``{"ref", "resolved", "dir", "sha256"}``. None when ``if_missing`` is
-    'fresh' and ``ref`` names a registered model without versions."""
+    stage key): ``{"ref", "resolved", "dir", "sha256", "tokenizer_sha256"}``. None when
+    ``if_missing`` is 'fresh' and ``ref`` asks for the latest version of a registered
+    model that has none. ``pinned`` is what an earlier attempt of the same pipeline run
+    resolved (its ``forgeline.parent_model`` tag): a retry continues from the same model,
+    not from a version registered since (perhaps by that attempt)."""
     import hashlib
     import shutil
 
     from tasks.redact import redact_secrets
 
-    resolved = registered_version(ref, uri) if ref.startswith("models:/") else ref
+    if pinned == FRESH:
+        return None
+    resolved = pinned or (registered_version(ref, uri) if ref.startswith("models:/") else ref)
     if resolved is None:
         if if_missing == "fresh":
-            log.info("pretrain.init_from %s names no model version yet: training a fresh "
-                     "model (pretrain.init_if_missing=fresh)", ref)
+            log.info("pretrain.init_from %s: the registered model has no version yet, so a "
+                     "fresh model is trained (pretrain.init_if_missing=fresh)", ref)
             return None
-        raise ModelReferenceError(f"pretrain.init_from {ref}: no such registered model "
-                                  "version; register one first, or set "
+        raise ModelReferenceError(f"pretrain.init_from {ref}: the registered model has no "
+                                  "version yet; register one first, or set "
                                   "pretrain.init_if_missing=fresh to start fresh when there "
                                   "is none")
     root = Path(workdir) / "init-models"
@@ -206,10 +218,13 @@ def fetch_init_model(ref: str, if_missing: str, workdir: str | os.PathLike,
             for name in ("model.pt", "tokenizer.model", "config.json"):
                 if (found / name).is_file():
                     shutil.copyfile(found / name, staging / name)
-            if target.exists():
-                shutil.rmtree(target)
-            staging.rename(target)
+            try:
+                staging.rename(target)  # whole, or not at all
+            except OSError:
+                if not (target / "model.pt").is_file():  # not a concurrent run's copy
+                    raise
+    tokenizer = hashlib.sha256((target / "tokenizer.model").read_bytes()).hexdigest()
     log.info("pretrain continues from %s (model.pt sha256 %s…)", redact_secrets(resolved),
              digest[:12])
     return {"ref": redact_secrets(ref), "resolved": redact_secrets(resolved),
-            "dir": str(target), "sha256": digest}
+            "dir": str(target), "sha256": digest, "tokenizer_sha256": tokenizer}

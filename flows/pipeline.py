@@ -19,7 +19,7 @@ from flows import forward_stage_logs
 from flows.config import DATA_STAGES, STAGES, PipelineConfig, StageName, config_yaml, flatten
 from flows.engine import api_url_for_workers, describe, task_runner
 from flows.model_registry import log_and_register
-from flows.model_tools import fetch_init_model
+from flows.model_tools import FRESH, fetch_init_model
 from flows.report import data_report
 from flows.stages import (
     DATA_STAGE_TASKS,
@@ -74,11 +74,14 @@ def train_flow(config: PipelineConfig, ctx: RunContext, corpus: Manifest,
     forward_stage_logs()
     init = None
     if config.pretrain.init_from:  # continued pretraining: its model and tokenizer
+        tracker = Tracker(ctx.tracking_uri.get_secret_value(), ctx.experiment)
+        # a retried flow run continues from what its first attempt resolved
+        pinned = tracker.client.get_run(ctx.parent_run_id).data.tags.get(
+            "forgeline.parent_model")
         init = fetch_init_model(config.pretrain.init_from, config.pretrain.init_if_missing,
-                                ctx.workdir, ctx.tracking_uri.get_secret_value())
-        if init:
-            Tracker(ctx.tracking_uri.get_secret_value(), ctx.experiment).set_tags(
-                ctx.parent_run_id, {"forgeline.parent_model": init["resolved"]})
+                                ctx.workdir, ctx.tracking_uri.get_secret_value(), pinned)
+        tracker.set_tags(ctx.parent_run_id,
+                         {"forgeline.parent_model": init["resolved"] if init else FRESH})
     out = {"tokenize": tokenize_stage(config, corpus, ctx, init)}
     if _reached("pretrain", until):
         return out
@@ -153,7 +156,8 @@ def register_final_model(config: PipelineConfig, uri: str, parent_id: str,
     own (its tags name the stage run the weights come from); a retry of the same flow run
     reuses the version its earlier attempt registered."""
     logger = get_run_logger()
-    stage = next((name for name in ("finetune", "pretrain")
+    candidates = ("finetune", "pretrain") if config.registry.stage == "final" else ("pretrain",)
+    stage = next((name for name in candidates
                   if name in stages and not stages[name].get("skipped")), None)
     if stage is None:
         return None

@@ -190,7 +190,7 @@ def tokenize_stage(config: PipelineConfig, corpus: Manifest, ctx: RunContext,
             config.tokenize, Path(corpus["output"]), out, mapper=prefect_mapper,
             tokenizer=tokenizer),
         inputs=[corpus], code=[tasks.tokenize],
-        extra_key={"tokenizer_of": init["sha256"]} if init else None,
+        extra_key={"tokenizer": init["tokenizer_sha256"]} if init else None,
         tags={"forgeline.tokenizer_of": init["resolved"]} if init else None)
 
 

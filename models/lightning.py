@@ -94,8 +94,14 @@ class CausalLM(L.LightningModule):
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         # one fused kernel for the whole update on CUDA (torch's fastest AdamW there), unless
         # a float16 grad scaler must unscale the gradients before they are clipped
-        scaled = self._trainer is not None and str(self.trainer.precision).startswith("16")
-        fused = all(p.is_cuda for p in params) and not scaled
+        # (and not under FSDP, whose gradient norm must be taken across the shards)
+        scaled = sharded = False
+        if self._trainer is not None:
+            from lightning.pytorch.strategies import FSDPStrategy
+
+            scaled = str(self.trainer.precision).startswith("16")
+            sharded = isinstance(self.trainer.strategy, FSDPStrategy)
+        fused = all(p.is_cuda for p in params) and not scaled and not sharded
         optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, betas=self.betas,
                                       fused=fused or None)
         scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -22,7 +22,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from models.config import Accelerator, Precision, check_devices, check_strategy
 from tasks.launch import across_devices, world_size
-from tasks.pretrain import copy_tokenizer
 from tasks.shards import iter_records
 from tasks.stage import StageInputError
 from tasks.tokenize import is_validation, read_val_ids
@@ -274,7 +273,7 @@ def finetune(config: FinetuneConfig, tokenized_dir: Path, pretrained_dir: Path,
     settings = TrainSettings.of(config, "finetune", precision)
     settings.flops_per_token = model.config.flops_per_token()
     outcome = run_training(settings, module, train_loader, val_loader, out_dir, resolved,
-                           on_metrics)
+                           on_metrics, files={"tokenizer.model": tokenized_dir / "tokenizer.model"})
     if not outcome.is_global_zero:  # rank zero evaluates, writes and reports
         return {}
     trainer, callback, seconds = outcome.trainer, outcome.callback, outcome.seconds
@@ -288,7 +287,6 @@ def finetune(config: FinetuneConfig, tokenized_dir: Path, pretrained_dir: Path,
              "(%d tokens); train loss %.3f -> %.3f", trainer.global_step, seconds, val_before,
              val_after, val_tokens, first, final)
 
-    copy_tokenizer(tokenized_dir, out_dir)
     val_points = [p for p in callback.val_history if p[0] != trainer.global_step]
     finish_model(outcome, model, out_dir, resolved,
                  [(0, val_before), *val_points, (trainer.global_step, val_after)],

@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import logging
 import math
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -20,7 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from models.config import Accelerator, ModelConfig, Precision, check_devices, check_strategy
 from tasks.launch import across_devices, world_size
-from tasks.shards import atomic_path
 from tasks.stage import StageInputError
 from tasks.training import (
     ResumeSampler,
@@ -191,11 +189,6 @@ def check_tokens(meta: dict, context_length: int) -> None:
                                      "lower pretrain.context_length or provide more text")
 
 
-def copy_tokenizer(tokenized_dir: Path, out_dir: Path) -> None:
-    with atomic_path(out_dir / "tokenizer.model") as tmp:
-        shutil.copyfile(tokenized_dir / "tokenizer.model", tmp)
-
-
 def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -296,7 +289,7 @@ def pretrain(config: PretrainConfig, tokenized_dir: Path, out_dir: Path,
     val_loader = DataLoader(val_data, batch_size=config.batch_size,
                             generator=torch.Generator().manual_seed(config.seed))
     outcome = run_training(settings, module, train_loader, val_loader, out_dir, resolved,
-                           on_metrics)
+                           on_metrics, files={"tokenizer.model": tokenized_dir / "tokenizer.model"})
     if not outcome.is_global_zero:  # rank zero evaluates, writes and reports
         return {}
     trainer, callback, seconds = outcome.trainer, outcome.callback, outcome.seconds
@@ -311,7 +304,6 @@ def pretrain(config: PretrainConfig, tokenized_dir: Path, out_dir: Path,
              "(perplexity %.1f)", trainer.global_step, seconds, tokens_per_second,
              train_loss_final, val_loss, math.exp(val_loss))
 
-    copy_tokenizer(tokenized_dir, out_dir)
     val_points = [p for p in callback.val_history if p[0] != trainer.global_step]
     finish_model(outcome, model, out_dir, resolved, val_points + [(trainer.global_step, val_loss)],
                  f"pretraining ({model.num_params() / 1e6:.2f}M parameters)")

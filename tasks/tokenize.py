@@ -17,6 +17,8 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from itertools import chain
 from pathlib import Path
 from typing import Literal
@@ -223,18 +225,40 @@ def encode_shard(model_file: str, shard: str, parts_dir: str, val_fraction: floa
             counts[f"{side}_documents"] += int(docs.sum())
             counts[f"{side}_bytes"] += int(sizes[docs].sum())
 
-    with atomic_path(parts / f"{shard.stem}.train.bin") as train_tmp, \
-            atomic_path(parts / f"{shard.stem}.val.bin") as val_tmp, \
-            open(train_tmp, "wb") as train_fh, open(val_tmp, "wb") as val_fh:
-        files = {"train": train_fh, "val": val_fh}
-        for batch in pq.ParquetFile(shard).iter_batches(batch_size=ENCODE_BATCH,
-                                                        columns=["id", "text"]):
-            ids = [str(i) for i in batch.column("id").to_pylist()]
+    def batches() -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
+        for batch in pq.ParquetFile(shard, memory_map=True).iter_batches(
+                batch_size=ENCODE_BATCH, columns=["id", "text"]):
             texts = [text or "" for text in batch.column("text").to_pylist()]
             sizes = pc.fill_null(pc.binary_length(batch.column("text")), 0).to_numpy()
-            held_out = np.fromiter((exceptions.get(i, is_validation(i, val_fraction))
-                                    for i in ids), dtype=bool, count=len(ids))
-            write(sp.encode(texts, num_threads=threads, add_eos=True), held_out, sizes)
+            held_out = np.fromiter(
+                (exceptions.get(doc_id, is_validation(doc_id, val_fraction))
+                 for doc_id in map(str, batch.column("id").to_pylist())),
+                dtype=bool, count=batch.num_rows)
+            yield texts, held_out, sizes
+
+    # sentencepiece lets go of the GIL while it encodes: batch i is encoded on a second
+    # thread while this one writes out batch i-1 and reads batch i+1, so reading,
+    # converting and writing hide behind encoding and the stage runs at about
+    # sentencepiece's own speed
+    with atomic_path(parts / f"{shard.stem}.train.bin") as train_tmp, \
+            atomic_path(parts / f"{shard.stem}.val.bin") as val_tmp, \
+            open(train_tmp, "wb") as train_fh, open(val_tmp, "wb") as val_fh, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize") as encoder:
+        files = {"train": train_fh, "val": val_fh}
+        upcoming, previous = batches(), None
+        current = next(upcoming, None)
+        while current is not None or previous is not None:
+            running = None
+            if current is not None:
+                texts, held_out, sizes = current
+                running = (encoder.submit(sp.encode, texts, num_threads=threads,
+                                          add_eos=True), held_out, sizes)
+                time.sleep(0.0001)  # give the GIL up: the encoder takes its input first
+            if previous is not None:
+                encoded, held_out, sizes = previous[0].result(), previous[1], previous[2]
+                write(encoded, held_out, sizes)
+            current = next(upcoming, None) if current is not None else None
+            previous = running
     write_text_atomic(done, json.dumps(counts))
     return counts
 

@@ -29,6 +29,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
 import threading
 import time
@@ -41,7 +42,7 @@ from typing import Any
 from pydantic import Field
 
 from tasks.launch import processes_to_start, stop_requested
-from tasks.shards import write_text_atomic
+from tasks.shards import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -314,8 +315,9 @@ def _checkpoint_callback(settings: TrainSettings, out_dir: Path, stop: dict):
             # signal that lands in between stops the fit there, so the step is saved here
             from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-            if isinstance(exception, SIGTERMException) and trainer.global_step > 0 \
-                    and trainer.global_step != self.last_saved:
+            # (one process only: with several, the others would not join the save)
+            if isinstance(exception, SIGTERMException) and trainer.world_size == 1 \
+                    and trainer.global_step > 0 and trainer.global_step != self.last_saved:
                 self.save_step(trainer)
                 stop["stopped"] = True
                 log.warning("%s: SIGTERM: wrote a checkpoint at step %d and stopped",
@@ -344,9 +346,12 @@ def _checkpoint_callback(settings: TrainSettings, out_dir: Path, stop: dict):
 
 def run_training(settings: TrainSettings, module, train_loader: Callable[[int], Any],
                  val_loader, out_dir: Path, resolved_config: dict,
-                 on_metrics: Callable | None = None) -> TrainOutcome:
+                 on_metrics: Callable | None = None,
+                 files: dict[str, Path] | None = None) -> TrainOutcome:
     """Fit ``module`` for ``settings.max_steps`` optimizer steps, resuming from the newest
-    checkpoint in ``out_dir`` if there is one. ``train_loader(samples_seen)`` must return
+    checkpoint in ``out_dir`` if there is one; ``files`` (name -> path, e.g. the tokenizer)
+    are copied into ``out_dir`` first, so that a checkpoint of an interrupted run can
+    be used on its own. ``train_loader(samples_seen)`` must return
     the training batches that follow the first ``samples_seen`` samples, in a fixed order;
     with several processes its sampler must be a ``ResumeSampler`` (split here by rank)
     over a dataset sized for all of them (``samples_seen`` counts every rank's samples)."""
@@ -402,6 +407,9 @@ def run_training(settings: TrainSettings, module, train_loader: Callable[[int], 
         if trainer.is_global_zero:
             write_text_atomic(out_dir / CHECKPOINTS / "config.json",
                               json.dumps(resolved_config, indent=2, default=str))
+            for name, source in (files or {}).items():
+                with atomic_path(out_dir / name) as tmp:
+                    shutil.copyfile(source, tmp)
         per_rank = settings.max_steps * settings.grad_accum * settings.batch_size
         loader = train_loader(resume_step * settings.grad_accum * settings.batch_size
                               * trainer.world_size)

@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 
 from flows.config import load_config
 from flows.model_registry import ModelReferenceError
-from flows.model_tools import fetch_init_model
+from flows.model_tools import FRESH, fetch_init_model
 from flows.pipeline import pipeline
 from tasks.pretrain import PretrainConfig, pretrain
 from tasks.stage import StageInputError
@@ -57,6 +57,13 @@ def test_a_missing_registered_model_stops_or_starts_fresh_as_configured(tmp_path
     with pytest.raises(ModelReferenceError, match="init_if_missing=fresh"):
         fetch_init_model("models:/nothing/latest", "error", tmp_path, uri)
     assert fetch_init_model("models:/nothing/latest", "fresh", tmp_path, uri) is None
+    # only "no version yet" starts fresh: a named version or alias that is not there stops
+    for ref in ("models:/nothing/3", "models:/nothing@champion"):
+        with pytest.raises(ModelReferenceError, match="nothing"):
+            fetch_init_model(ref, "fresh", tmp_path, uri)
+    # a retry follows its first attempt, which started fresh
+    assert fetch_init_model("models:/nothing/latest", "error", tmp_path, uri,
+                            pinned=FRESH) is None
 
 
 def test_a_corpus_encoded_with_another_tokenizer_is_refused(tmp_path):

@@ -135,6 +135,8 @@ def test_sigterm_writes_a_checkpoint_at_the_current_step_and_a_rerun_resumes_the
     assert proc.returncode != 0 and "interrupted at step" in err, err[-2000:]
     stopped_at = max(step for step, _ in checkpoint_files(tmp_path / "stopped"))
     assert f"interrupted at step {stopped_at}" in err
+    # the tokenizer is there from the start: a checkpoint of a stopped run is usable alone
+    assert (tmp_path / "stopped" / "tokenizer.model").is_file()
     resumed = start(tokenized, tmp_path / "stopped")
     _, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0 and f"resuming from step {stopped_at}" in err, err[-2000:]
