@@ -188,6 +188,8 @@ def print_summary(result: dict[str, Any], seconds: float, stream=None) -> None:
             console.print(f"{label:>32}: " + (f"{value:,.0f}" if key == "tokens" else f"{value:.4f}"))
     console.print(f"{'data report':>32}: {result['data_report']}")
     console.print(f"{'MLflow run':>32}: {result['mlflow_run_id']}")
+    if result.get("registered_model"):
+        console.print(f"{'registered model':>32}: {result['registered_model']['model_uri']}")
     console.print(f"{'MLflow store':>32}: {display_uri(result['tracking_uri'])}")
     console.print(f"{'open the MLflow UI':>32}: {ui_command(result['tracking_uri'], '')}",
                   soft_wrap=True)

@@ -17,6 +17,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from itertools import chain
@@ -236,29 +237,24 @@ def encode_shard(model_file: str, shard: str, parts_dir: str, val_fraction: floa
                 dtype=bool, count=batch.num_rows)
             yield texts, held_out, sizes
 
-    # sentencepiece lets go of the GIL while it encodes: batch i is encoded on a second
-    # thread while this one writes out batch i-1 and reads batch i+1, so reading,
-    # converting and writing hide behind encoding and the stage runs at about
-    # sentencepiece's own speed
+    # sentencepiece lets go of the GIL while it encodes: one batch per core is encoded at
+    # a time, each on a thread of its own (busier cores than one batch split over them),
+    # while this thread reads the next batches and writes the finished ones out in order
     with atomic_path(parts / f"{shard.stem}.train.bin") as train_tmp, \
             atomic_path(parts / f"{shard.stem}.val.bin") as val_tmp, \
             open(train_tmp, "wb") as train_fh, open(val_tmp, "wb") as val_fh, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize") as encoder:
+            ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tokenize") as encoder:
         files = {"train": train_fh, "val": val_fh}
-        upcoming, previous = batches(), None
-        current = next(upcoming, None)
-        while current is not None or previous is not None:
-            running = None
-            if current is not None:
-                texts, held_out, sizes = current
-                running = (encoder.submit(sp.encode, texts, num_threads=threads,
-                                          add_eos=True), held_out, sizes)
-                time.sleep(0.0001)  # give the GIL up: the encoder takes its input first
-            if previous is not None:
-                encoded, held_out, sizes = previous[0].result(), previous[1], previous[2]
-                write(encoded, held_out, sizes)
-            current = next(upcoming, None) if current is not None else None
-            previous = running
+        in_flight: deque = deque()
+        for texts, held_out, sizes in batches():
+            in_flight.append((encoder.submit(sp.encode, texts, num_threads=1, add_eos=True),
+                              held_out, sizes))
+            if len(in_flight) > threads:  # the oldest batch, written out in order
+                future, held, counted = in_flight.popleft()
+                write(future.result(), held, counted)
+        while in_flight:
+            future, held, counted = in_flight.popleft()
+            write(future.result(), held, counted)
     write_text_atomic(done, json.dumps(counts))
     return counts
 
