@@ -396,6 +396,24 @@ def _not_found(exc: MlflowException) -> bool:
 def _registry_location(client: MlflowClient, ref: str) -> str:
     """The artifact location of the model a models:/ URI names."""
     body = ref[len("models:/"):].strip("/")
+    if "/" not in body and body.startswith("m-"):
+        try:
+            return client.get_logged_model(body).artifact_location
+        except MlflowException as exc:
+            if _not_found(exc):
+                raise ModelReferenceError(f"no logged model {body}") from None
+            raise
+    name, version = registry_version(client, ref)
+    return client.get_model_version_download_uri(name, version)
+
+
+def registry_version(client: MlflowClient, ref: str, *,
+                     missing_ok: bool = False) -> tuple[str, str] | None:
+    """The registered model name and (existing) version a ``models:/<name>/<version>``,
+    ``models:/<name>/latest`` or ``models:/<name>@<alias>`` URI names. With
+    ``missing_ok``, None where the latest version is asked of a name that has none (or
+    is not registered); every other failure raises ModelReferenceError."""
+    body = ref[len("models:/"):].strip("/")
     if "@" in body and "/" not in body:
         name, alias = body.split("@", 1)
         try:
@@ -406,31 +424,31 @@ def _registry_location(client: MlflowClient, ref: str) -> str:
                 raise ModelReferenceError(f"registered model {name!r} has no alias "
                                           f"{alias!r}") from None
             raise
-        return _version_location(client, name, str(version))
+        return name, _existing_version(client, name, str(version))
     parts = body.split("/")
-    if len(parts) == 1 and parts[0].startswith("m-"):
-        try:
-            return client.get_logged_model(parts[0]).artifact_location
-        except MlflowException as exc:
-            if _not_found(exc):
-                raise ModelReferenceError(f"no logged model {parts[0]}") from None
-            raise
     if len(parts) != 2 or not parts[0]:
         raise ModelReferenceError(f"{ref!r} is not a model URI; expected "
                                   "models:/<name>/<version>, models:/<name>/latest, "
                                   "models:/<name>@<alias> or models:/<model_id>")
     name, version = parts
     if version == "latest":
-        _require_registered(client, name)
+        try:
+            _require_registered(client, name)
+        except ModelReferenceError:
+            if missing_ok:
+                return None
+            raise
         versions = client.search_model_versions(f"name = '{name}'")
         if not versions:
+            if missing_ok:
+                return None
             raise ModelReferenceError(f"registered model {name!r} has no versions")
         version = str(max(int(v.version) for v in versions))
     elif not version.isdigit():
         raise ModelReferenceError(f"{ref!r}: the version must be a number or 'latest' "
                                   "(stages are not supported; use an alias: "
                                   "models:/<name>@<alias>)")
-    return _version_location(client, name, version)
+    return name, _existing_version(client, name, version)
 
 
 def _require_registered(client: MlflowClient, name: str) -> None:
@@ -442,7 +460,7 @@ def _require_registered(client: MlflowClient, name: str) -> None:
         raise
 
 
-def _version_location(client: MlflowClient, name: str, version: str) -> str:
+def _existing_version(client: MlflowClient, name: str, version: str) -> str:
     try:
         client.get_model_version(name, version)
     except MlflowException as exc:
@@ -451,7 +469,7 @@ def _version_location(client: MlflowClient, name: str, version: str) -> str:
             raise ModelReferenceError(f"registered model {name!r} has no version "
                                       f"{version}") from None
         raise
-    return client.get_model_version_download_uri(name, version)
+    return version
 
 
 def _fetch(client: MlflowClient, tracking_uri: str, location: str, ref: str,

@@ -20,8 +20,11 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
-from flows.model_registry import ModelReferenceError, download_model
+from mlflow.tracking import MlflowClient
+
+from flows.model_registry import ModelReferenceError, download_model, registry_version
 from flows.tracking import tracking_uri
+from tasks.shards import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +33,6 @@ TRAINING_STAGES = ("finetune", "pretrain")  # the final model first
 
 def latest_model_run(workdir: str | os.PathLike) -> str:
     """The id of the newest pipeline run of ``workdir`` whose training finished."""
-    from mlflow.tracking import MlflowClient
-
     work = str(Path(workdir).resolve())
     uri = tracking_uri(work)
     if not os.environ.get("MLFLOW_TRACKING_URI") and not (Path(work) / "mlflow.db").is_file():
@@ -155,26 +156,18 @@ def registered_version(ref: str, tracking_uri: str) -> str | None:
     else that cannot be resolved (an unknown version or alias, an unreachable store)
     raises ModelReferenceError."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     from tasks.redact import redact_secrets
 
     body = ref[len("models:/"):].strip("/")
-    client = MlflowClient(tracking_uri)
+    if "/" not in body and "@" not in body:
+        ref = f"models:/{body}/latest"
     try:
-        if "@" in body and "/" not in body:
-            name, alias = body.split("@", 1)
-            return f"models:/{name}/{client.get_model_version_by_alias(name, alias).version}"
-        name, _, version = body.partition("/")
-        if version in ("", "latest"):
-            versions = client.search_model_versions(f"name = '{name}'")
-            if not versions:
-                return None
-            version = str(max(int(v.version) for v in versions))
-        return f"models:/{name}/{client.get_model_version(name, version).version}"
+        found = registry_version(MlflowClient(tracking_uri), ref, missing_ok=True)
     except MlflowException as exc:
         raise ModelReferenceError(f"{redact_secrets(ref)}: {redact_secrets(exc.message)}") \
             from None
+    return f"models:/{found[0]}/{found[1]}" if found else None
 
 
 FRESH = "fresh"  # the parent_model tag of a run that found no version and started fresh
@@ -189,7 +182,6 @@ def fetch_init_model(ref: str, if_missing: str, workdir: str | os.PathLike, uri:
     model that has none. ``pinned`` is what an earlier attempt of the same pipeline run
     resolved (its ``forgeline.parent_model`` tag): a retry continues from the same model,
     not from a version registered since (perhaps by that attempt)."""
-    import hashlib
     import shutil
 
     from tasks.redact import redact_secrets
@@ -210,7 +202,7 @@ def fetch_init_model(ref: str, if_missing: str, workdir: str | os.PathLike, uri:
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=root) as scratch:
         found = download_model(resolved, uri, Path(scratch))
-        digest = hashlib.sha256((found / "model.pt").read_bytes()).hexdigest()
+        digest = file_sha256(found / "model.pt")
         target = root / digest[:16]
         if not (target / "model.pt").is_file():
             staging = Path(scratch) / "copy"
@@ -223,7 +215,7 @@ def fetch_init_model(ref: str, if_missing: str, workdir: str | os.PathLike, uri:
             except OSError:
                 if not (target / "model.pt").is_file():  # not a concurrent run's copy
                     raise
-    tokenizer = hashlib.sha256((target / "tokenizer.model").read_bytes()).hexdigest()
+    tokenizer = file_sha256(target / "tokenizer.model")
     log.info("pretrain continues from %s (model.pt sha256 %s…)", redact_secrets(resolved),
              digest[:12])
     return {"ref": redact_secrets(ref), "resolved": redact_secrets(resolved),

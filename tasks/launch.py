@@ -224,13 +224,25 @@ def run_processes(target: tuple[str, str], arguments: dict, processes: int,
 
 
 @contextmanager
+def stop_signal_handler(handler: Callable) -> Iterator[None]:
+    """``handler`` for SIGTERM and SIGINT while the block runs, the previous handlers
+    after it. Only the main thread can catch signals: elsewhere nothing is installed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+@contextmanager
 def _stop_on_signals(name: str) -> Iterator[dict]:
     """SIGTERM/SIGINT here ask the processes to checkpoint and stop after their current
-    step; a second one raises KeyboardInterrupt. Only the main thread can catch them."""
+    step; a second one raises KeyboardInterrupt."""
     stop = {"signal": None, "sent": False}
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
 
     def handler(signum, frame):
         if stop["signal"] is not None:
@@ -239,12 +251,8 @@ def _stop_on_signals(name: str) -> Iterator[dict]:
         log.warning("%s: signal %d: the training processes stop after their current step "
                     "(again to end them at once)", name, signum)
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with stop_signal_handler(handler):
         yield stop
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
 
 
 def _collect(workers: list, links: list, on_metrics: Callable | None, name: str,

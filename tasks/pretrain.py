@@ -9,7 +9,6 @@ loadable without Lightning), the resolved ``config.json``, the tokenizer and a l
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
 from pathlib import Path
@@ -19,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from models.config import Accelerator, ModelConfig, Precision, check_devices, check_strategy
 from tasks.launch import across_devices, world_size
+from tasks.shards import file_sha256
 from tasks.stage import StageInputError
 from tasks.training import (
     ResumeSampler,
@@ -187,10 +187,6 @@ def check_tokens(meta: dict, context_length: int) -> None:
         raise StageInputError(STAGE, f"val.bin holds {meta['val_tokens']} tokens, fewer than one "
                                      f"context window ({needed}); raise tokenize.val_fraction, "
                                      "lower pretrain.context_length or provide more text")
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def load_parent_model(init_model: Path, tokenized_dir: Path, meta: dict):

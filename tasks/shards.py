@@ -121,6 +121,15 @@ def write_records(records: Iterable[dict], directory: str | os.PathLike,
     return writer.count
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, in hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def hash_tree(directory: str | os.PathLike) -> str:
     """A content hash of every file under ``directory`` (names and bytes), for cache keys."""
     root = Path(directory)

@@ -31,7 +31,6 @@ import random
 import re
 import shutil
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,7 +40,7 @@ from typing import Any
 
 from pydantic import Field
 
-from tasks.launch import processes_to_start, stop_requested
+from tasks.launch import processes_to_start, stop_requested, stop_signal_handler
 from tasks.shards import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -239,21 +238,14 @@ def _set_rng_state(state: dict) -> None:
 @contextmanager
 def _stop_signals() -> Iterator[dict]:
     """SIGTERM/SIGINT set a flag (checked after each step) instead of killing the run at
-    once, so that a checkpoint is written first. Only the main thread may install them."""
+    once, so that a checkpoint is written first."""
     flag: dict = {"signal": None}
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
 
     def handler(signum, frame):
         flag["signal"] = signum
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with stop_signal_handler(handler):
         yield flag
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
 
 
 def _checkpoint_callback(settings: TrainSettings, out_dir: Path, stop: dict):
