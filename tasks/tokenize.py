@@ -9,6 +9,7 @@ followed by EOS, and the ids are concatenated into flat ``train.bin`` / ``val.bi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Literal
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
@@ -189,6 +191,20 @@ def train_tokenizer(config: TokenizeConfig, text_path: Path, model_prefix: Path,
                                      f"lines: {message.strip()}") from exc
 
 
+def _file_version(path: str) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=4)
+def _processor(model_file: str, size: int, mtime_ns: int):
+    """One loaded tokenizer per model file (and version of it) per process: a worker
+    encoding many shards loads it once. Encoding from several threads at once is safe."""
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=model_file)
+
+
 def encode_shard(model_file: str, shard: str, parts_dir: str, val_fraction: float,
                  exceptions: dict[str, bool], dtype: str) -> dict[str, int]:
     """The per-shard half of the stage: encode one shard's documents (+ EOS each) into
@@ -199,42 +215,43 @@ def encode_shard(model_file: str, shard: str, parts_dir: str, val_fraction: floa
     document. The counts file is the shard's completion marker: a finished shard is kept.
     """
     import numpy as np
-    import sentencepiece as spm
 
     shard, parts = Path(shard), Path(parts_dir)
     done = parts / f"{shard.stem}.json"
     if done.exists():
         return json.loads(done.read_text(encoding="utf-8"))
-    sp = spm.SentencePieceProcessor(model_file=model_file)
+    sp = _processor(model_file, *_file_version(model_file))
     counts = {"train_tokens": 0, "val_tokens": 0, "train_documents": 0, "val_documents": 0,
               "train_bytes": 0, "val_bytes": 0}
     threads = os.cpu_count() or 1
 
-    def write(encoded: list[list[int]], held_out: np.ndarray, sizes: np.ndarray) -> None:
-        # one flat array for the batch (documents each ending in EOS), split by side with a
-        # per-token mask: no Python loop per document or per token
-        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-        flat = np.fromiter(chain.from_iterable(encoded), dtype=dtype, count=int(lengths.sum()))
-        token_held_out = np.repeat(held_out, lengths) if held_out.any() else None
+    def write(encoded: list[list[int]], held_out: list[bool], sizes: np.ndarray) -> None:
+        # each side's documents (each ending in EOS) as one flat array: the lists are split
+        # by side first, so no per-token mask is built, and numpy converts the ids in C
         for side, wanted in (("train", False), ("val", True)):
-            docs = held_out == wanted
-            if not docs.any():
+            lists = [ids for ids, held in zip(encoded, held_out) if held is wanted] \
+                if any(held_out) else (encoded if not wanted else [])
+            if not lists:
                 continue
-            tokens = flat if token_held_out is None else flat[token_held_out == wanted]
-            files[side].write(tokens.tobytes())
-            counts[f"{side}_tokens"] += len(tokens)
-            counts[f"{side}_documents"] += int(docs.sum())
-            counts[f"{side}_bytes"] += int(sizes[docs].sum())
+            count = sum(map(len, lists))
+            files[side].write(np.fromiter(chain.from_iterable(lists), dtype=dtype,
+                                          count=count).tobytes())
+            counts[f"{side}_tokens"] += count
+            counts[f"{side}_documents"] += len(lists)
+            counts[f"{side}_bytes"] += int(sizes[np.array(held_out) == wanted].sum())
 
-    def batches() -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
+    def batches() -> Iterator[tuple[list[bytes], list[bool], np.ndarray]]:
         for batch in pq.ParquetFile(shard, memory_map=True).iter_batches(
                 batch_size=ENCODE_BATCH, columns=["id", "text"]):
-            texts = [text or "" for text in batch.column("text").to_pylist()]
-            sizes = pc.fill_null(pc.binary_length(batch.column("text")), 0).to_numpy()
-            held_out = np.fromiter(
-                (exceptions.get(doc_id, is_validation(doc_id, val_fraction))
-                 for doc_id in map(str, batch.column("id").to_pylist())),
-                dtype=bool, count=batch.num_rows)
+            text = pc.fill_null(batch.column("text"), "")
+            # sentencepiece reads UTF-8 bytes as they are: no decoding into str and back
+            texts = text.cast(pa.large_binary() if pa.types.is_large_string(text.type)
+                              else pa.binary()).to_pylist()
+            sizes = pc.binary_length(text).to_numpy()
+            ids = map(str, batch.column("id").to_pylist())
+            held_out = [exceptions[doc_id] if doc_id in exceptions
+                        else is_validation(doc_id, val_fraction) for doc_id in ids] \
+                if val_fraction > 0 or exceptions else [False] * batch.num_rows
             yield texts, held_out, sizes
 
     # sentencepiece lets go of the GIL while it encodes: one batch per core is encoded at
