@@ -34,6 +34,8 @@ examples:
   forgeline run                                  the embedded default, end to end
   forgeline run --until dedup --json             the data stages only, JSON summary
   forgeline run --set source.paths='[corpus/]'   your own .txt/.jsonl/.parquet files
+  forgeline run --set source.paths='[cc/*.warc.gz]'
+                                                 Common Crawl WARC (or .wet) archives
   forgeline run --set execution.workers=1        data stages in one worker process
   forgeline run --set execution.engine=dask --set execution.dask_address=tcp://host:8786
                                                  data stages' shards on a Dask cluster

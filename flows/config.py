@@ -134,12 +134,13 @@ class PipelineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> PipelineConfig:
-        if self.source.paths and self.crawl.seeds:
-            raise ValueError("source.paths and crawl.seeds are both set: use one source, "
-                             "local files (source.paths) or the web (crawl.seeds)")
-        if not self.source.paths and not self.crawl.enabled:
-            raise ValueError("crawl.enabled is false and source.paths is empty, so there is "
-                             "nothing to read: set source.paths, or enable the crawl")
+        if self.source.enabled and self.crawl.seeds:
+            raise ValueError("source (paths, files or datasets) and crawl.seeds are both set: "
+                             "read local sources or crawl the web (crawl.seeds), not both")
+        if not self.source.enabled and not self.crawl.enabled:
+            raise ValueError("crawl.enabled is false and source.paths, source.files and "
+                             "source.datasets are empty, so there is nothing to read: set "
+                             "source.paths, or enable the crawl")
         return self
 
 

@@ -13,6 +13,27 @@ def _removed_reasons(stats: dict[str, Any]) -> dict[str, int]:
             if k.startswith("removed_") and isinstance(v, (int, float)) and v}
 
 
+def _source_mix(stages: dict[str, dict]) -> list[str]:
+    """Documents (and words, once the text is extracted) of each source after each stage."""
+    shown = {n: m.get("stats", {}) for n, m in stages.items() if not m.get("skipped")}
+    sources = sorted({key.split(".")[1] for st in shown.values() for key in st
+                      if key.startswith("source.") and key.endswith(".documents")})
+    if not sources:
+        return []
+    lines = ["", "## documents per source after each stage", "",
+             "Documents (words, counted on whitespace, from extract on).", "",
+             "| source | " + " | ".join(shown) + " |", "|---|" + "---:|" * len(shown)]
+    for source in sources:
+        cells = []
+        for stats in shown.values():
+            documents = stats.get(f"source.{source}.documents")
+            words = stats.get(f"source.{source}.words")
+            cells.append("" if documents is None else
+                         f"{documents:,}" + (f" ({words:,})" if words is not None else ""))
+        lines.append(f"| {source} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def funnel_plot(stages: dict[str, dict], path: Path) -> Path:
     """Documents left after each data stage, as a horizontal bar chart."""
     import matplotlib
@@ -53,6 +74,7 @@ def data_report(stages: dict[str, dict], out_dir: Path) -> dict[str, Path]:
         lines.append(f"| {name} | {docs_in} | {count} | {removed} | "
                      f"{manifest.get('seconds', 0):.1f} | {'yes' if manifest.get('reused') else 'no'} |")
         previous = count
+    lines += _source_mix(stages)
     for name, manifest in stages.items():
         reasons = _removed_reasons(manifest.get("stats", {}))
         if reasons:

@@ -3,6 +3,7 @@ stage runner (reusing finished output), and record the stage as a nested MLflow 
 
 from __future__ import annotations
 
+import glob
 import importlib.metadata
 import platform
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from prefect import get_run_logger, task
 from pydantic import BaseModel, SecretStr
 
 import models
+import tasks.charset
 import tasks.crawl
 import tasks.dedup
 import tasks.docserver
@@ -31,6 +33,7 @@ import tasks.shards
 import tasks.sources
 import tasks.tokenize
 import tasks.training
+import tasks.warc
 from flows.config import PipelineConfig, flatten
 from flows.engine import RETRIES, prefect_mapper
 from flows.tracking import Tracker
@@ -55,7 +58,8 @@ TRAINING_STAGES = frozenset({"pretrain", "finetune"})
 
 # A new release of one of these can change a stage's output, so its version is in the key.
 STAGE_LIBRARIES = {
-    "crawl": ("httpx", "lxml"), "extract": ("trafilatura", "lxml"), "filter": (),
+    "crawl": ("httpx", "lxml", "fastwarc", "warcio", "charset-normalizer", "protego", "courlan",
+              "datasets"), "extract": ("trafilatura", "lxml"), "filter": (),
     "dedup": ("datasketch", "pyarrow", "pandas"), "pii": ("presidio-analyzer", "presidio-anonymizer", "spacy"),
     "tokenize": ("sentencepiece",), "pretrain": ("torch", "lightning"),
     "finetune": ("torch", "lightning", "sentencepiece"), "evaluate": ("torch", "sentencepiece"),
@@ -119,12 +123,16 @@ def run_tracked(ctx: RunContext, stage: str, section: BaseModel | None,
 
 
 def _fingerprint(paths: list[str]) -> list[list]:
-    """Names, sizes and modification times of local inputs: a cheap change detector."""
+    """Names, sizes and modification times of local inputs (files, folders, globs): a
+    cheap change detector."""
     rows = []
     for root in paths:
-        root_path = Path(root)
-        files = sorted(p for p in root_path.rglob("*") if p.is_file()) if root_path.is_dir() \
-            else [root_path]
+        root_path = Path(root).expanduser()
+        if glob.has_magic(root):
+            files = sorted(Path(p) for p in glob.glob(str(root_path), recursive=True))
+        else:
+            files = sorted(p for p in root_path.rglob("*") if p.is_file()) \
+                if root_path.is_dir() else [root_path]
         for file in files:
             stat = file.stat() if file.exists() else None
             rows.append([str(file.resolve()), stat.st_size if stat else -1,
@@ -134,12 +142,17 @@ def _fingerprint(paths: list[str]) -> list[list]:
 
 @task(name="crawl", retries=2, retry_delay_seconds=[5, 30], **RETRIES)
 def crawl_stage(config: PipelineConfig, ctx: RunContext) -> Manifest:
-    """Read local documents (source.paths), or crawl the seeds or the embedded Python docs."""
-    if config.source.paths:
+    """Read the configured sources (files, archives, datasets), or crawl the seeds or the
+    embedded Python docs."""
+    if config.source.enabled:
+        local = [entry for source in config.source.sources()
+                 for entry in getattr(source, "paths", None) or [source.dataset]
+                 if glob.has_magic(entry) or Path(entry).expanduser().exists()]
         return run_tracked(
             ctx, "crawl", config.source,
             lambda out, _: tasks.sources.ingest_local(config.source, out),
-            code=[tasks.sources], extra_key={"files": _fingerprint(config.source.paths)})
+            code=[tasks.sources, tasks.warc, tasks.charset],
+            extra_key={"files": _fingerprint(local)})
 
     snapshot = tasks.crawl.resolve_snapshot(config.crawl.snapshot)
 

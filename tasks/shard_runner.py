@@ -155,6 +155,10 @@ def run_shard(step_class: type[ShardStep], config: BaseModel, input_shard: str |
             else:
                 kept.append(outcome)
     stats["kept"] = len(kept)
+    for record in kept:  # the mix of sources after this stage (documents, words)
+        source = record.get("source") or "crawl"
+        stats[f"source.{source}.documents"] += 1
+        stats[f"source.{source}.words"] += len((record.get("text") or "").split())
     if kept:
         write_shard(kept, stage_dir / DATA / input_shard.name)
     if removed:

@@ -1,9 +1,23 @@
-"""Local sources: documents from .txt, .jsonl and .parquet files instead of a crawl.
+"""Sources: documents from local files, web archives and Hugging Face datasets, several
+named sources in one run, mixed by weight.
+
+* Files (``source.paths``, and more named sets of files in ``source.files``): .txt,
+  .jsonl and .parquet documents (taken to be clean text: extract passes them through),
+  and WARC/WET archives (``.warc``, ``.warc.gz``, ``.wet``, ``.wet.gz``, see
+  ``tasks.warc``: HTML responses go on to extract, WET text skips it). Paths may be
+  folders (searched recursively) or globs.
+* Hugging Face datasets (``source.datasets``): by hub name or local path, streamed, with
+  the text, id and url columns named in config.
 
 The output looks like the crawl stage's, so every later stage treats both alike: shards
-with ``id``, ``text``, ``url`` plus ``source`` (the file a document came from) and
-``content_type`` (always text/plain: local documents are taken to be clean text, and
-the extract stage passes them through).
+with ``id``, ``text``, ``url``, ``source`` (the source's name), ``source_file`` (the file
+or dataset a document came from), ``content_type``, and the archive's ``warc_record_id``
+and ``fetched_at`` (empty for documents that did not come from an archive).
+
+With a ``weight`` on every source, the sources are mixed in those proportions (by
+documents), deterministically: each source keeps a hash-chosen share of its documents,
+the largest mix the available documents allow; the rest go to ``removed/`` (reason
+``mix``), so nothing is lost.
 
 Files are read one at a time and .jsonl/.parquet files streamed, so memory does not grow
 with the corpus; only the ids are remembered, to reject duplicates, because ids given by
@@ -13,8 +27,12 @@ the input are kept through every stage and must name one document each.
 from __future__ import annotations
 
 import codecs
+import glob
+import hashlib
 import json
 import logging
+import re
+import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -22,43 +40,151 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tasks.progress import progress
-from tasks.shards import ShardWriter
+from tasks.shards import ShardWriter, iter_records
 from tasks.stage import StageInputError
+from tasks.warc import SKIPPED as WARC_SKIPPED
+from tasks.warc import SUFFIXES as ARCHIVE_SUFFIXES
+from tasks.warc import is_archive, read_archive
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = (".txt", ".jsonl", ".parquet")
+SUPPORTED = (".txt", ".jsonl", ".parquet", *ARCHIVE_SUFFIXES)
 CONTENT_TYPE = "text/plain"
+COLUMNS = ("id", "text", "url", "source", "source_file", "content_type", "warc_record_id",
+           "fetched_at")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_NAME_RULE = "letters, digits, '_', '.' or '-', starting with a letter or digit"
+
+
+def _weight_field():
+    return Field(None, gt=0, description=(
+        "This source's share of the mix (relative to the other sources' weights). Set it on "
+        "every source to mix them in those proportions (by documents); unset on all: every "
+        "document is kept."))
+
+
+def _check_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise ValueError(f"source name {name!r} must be {_NAME_RULE}")
+    return name
+
+
+class FilesSource(BaseModel):
+    """A named set of files: documents and archives, as in ``source.paths``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., description=f"The source's name ({_NAME_RULE}), kept in each "
+                                       "document's 'source' column.")
+    paths: list[str] = Field(..., min_length=1, description="Files, folders or globs.")
+    weight: float | None = _weight_field()
+
+    _name = field_validator("name")(_check_name)
+
+
+class DatasetSource(BaseModel):
+    """A Hugging Face dataset: by hub name (needs the network, or the local cache) or by
+    local path (a folder of data files, or one written by ``Dataset.save_to_disk``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., description=f"The source's name ({_NAME_RULE}), kept in each "
+                                       "document's 'source' column.")
+    dataset: str = Field(..., min_length=1, description="Hub name (e.g. 'HuggingFaceFW/"
+                                                        "fineweb') or local path.")
+    subset: str | None = Field(None, description="The dataset's configuration (subset) name.")
+    split: str = Field("train", description="Split to read.")
+    revision: str | None = Field(None, description="Hub revision (a tag or commit) to pin.")
+    text_column: str = Field("text", description="Column holding the document text.")
+    id_column: str | None = Field(
+        "id", description="Column holding a unique document id; empty: '<name>-<row>'.")
+    url_column: str | None = Field(None, description="Column holding the document URL, if any.")
+    streaming: bool = Field(True, description="Stream the rows instead of downloading and "
+                                              "preparing the whole dataset first.")
+    max_documents: int = Field(0, ge=0, description="Read at most this many rows; 0: all.")
+    weight: float | None = _weight_field()
+
+    _name = field_validator("name")(_check_name)
 
 
 class SourceConfig(BaseModel):
-    """Local documents to read instead of crawling."""
+    """Documents to read instead of (or, with a weight on each, mixed with) a crawl."""
 
     model_config = ConfigDict(extra="forbid")
 
     paths: list[str] = Field(
-        [], description="Files or folders to read (folders are searched recursively; hidden "
-                        "files and folders are skipped). .txt: one document per file, its id "
-                        "the path relative to the folder. .jsonl: one JSON object per line with "
-                        "'id' and 'text' (and optional 'url'). .parquet: columns id, text and "
-                        "optional url. Empty: crawl instead.")
+        [], description="Files, folders or globs to read (folders are searched recursively; "
+                        "hidden files and folders are skipped). .txt: one document per file, "
+                        "its id the path relative to the folder. .jsonl: one JSON object per "
+                        "line with 'id' and 'text' (and optional 'url'). .parquet: columns id, "
+                        "text and optional url. .warc, .warc.gz, .wet, .wet.gz: web archives "
+                        "(HTML responses are extracted, WET text is used as it is). Empty "
+                        "(and no files or datasets below): crawl instead.")
+    name: str = Field("local", description="The name of the source that 'paths' make up.")
+    weight: float | None = _weight_field()
+    files: list[FilesSource] = Field(
+        [], description="More named sources of files (name, paths, weight).")
+    datasets: list[DatasetSource] = Field(
+        [], description="Hugging Face datasets to read (name, dataset, subset, split, "
+                        "text_column, id_column, url_column, streaming, max_documents, weight).")
     shard_size: int = Field(1000, ge=1, description="Documents per output parquet shard.")
+    mix_seed: int = Field(0, description="Seed of the hash that picks which documents a "
+                                         "weighted mix keeps.")
+
+    _name = field_validator("name")(_check_name)
+
+    @model_validator(mode="after")
+    def _sources(self) -> SourceConfig:
+        names = [s.name for s in self.sources()]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"source names must be unique; repeated: {repeated}")
+        weighted = [s.name for s in self.sources() if s.weight is not None]
+        if weighted and len(weighted) != len(names):
+            unweighted = [n for n in names if n not in weighted]
+            raise ValueError(f"sources {weighted} have a weight and {unweighted} do not; give "
+                             "every source a weight to mix them, or none")
+        return self
+
+    def sources(self) -> list[FilesSource | DatasetSource]:
+        """Every configured source: ``paths`` (as the source ``name``), files, datasets."""
+        found: list = []
+        if self.paths:
+            found.append(FilesSource(name=self.name, paths=self.paths, weight=self.weight))
+        return found + list(self.files) + list(self.datasets)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.paths or self.files or self.datasets)
 
 
 def _fail(message: str) -> StageInputError:
     return StageInputError("crawl", message)
 
 
-def _files(path: Path) -> tuple[list[tuple[Path, str]], int]:
-    """(file, id prefix base) pairs to read for one configured path, and how many files in
-    a folder were ignored for their extension."""
+def _is_supported(path: Path) -> bool:
+    return path.name.lower().endswith(SUPPORTED)
+
+
+def _files(entry: str) -> tuple[list[tuple[Path, str]], int]:
+    """(file, id prefix base) pairs to read for one configured path or glob, and how many
+    files in a folder were ignored for their extension."""
+    if glob.has_magic(entry):
+        matches = sorted(Path(p) for p in glob.glob(str(Path(entry).expanduser()),
+                                                    recursive=True))
+        files = [p for p in matches if p.is_file() and _is_supported(p)]
+        if not files:
+            raise _fail(f"the glob {entry!r} matches no {', '.join(SUPPORTED)} file; fix "
+                        "source.paths")
+        return [(f, f.name) for f in files], len([p for p in matches if p.is_file()]) - len(files)
+    path = Path(entry).expanduser()
     if not path.exists():
         raise _fail(f"source path {path} does not exist; fix source.paths")
     if path.is_file():
-        if path.suffix.lower() not in SUPPORTED:
+        if not _is_supported(path):
             raise _fail(f"{path} has unsupported extension {path.suffix!r}; source.paths "
                         f"accepts {', '.join(SUPPORTED)} files or folders of them")
         return [(path, path.name)], 0
@@ -67,7 +193,7 @@ def _files(path: Path) -> tuple[list[tuple[Path, str]], int]:
         relative = file.relative_to(path)
         if any(part.startswith(".") for part in relative.parts):
             continue
-        if file.suffix.lower() in SUPPORTED:
+        if _is_supported(file):
             found.append((file, relative.as_posix()))
         else:
             ignored += 1
@@ -158,53 +284,181 @@ def _read_parquet(file: Path) -> Iterator[tuple[str, str, str]]:
             row_number += 1
 
 
-def _read(file: Path, txt_id: str) -> Iterator[tuple[str, str, str]]:
+def _read(file: Path, txt_id: str, stats: Counter) -> Iterator[dict]:
+    if is_archive(file):
+        return read_archive(file, stats)
     suffix = file.suffix.lower()
-    if suffix == ".txt":
-        return _read_txt(file, txt_id)
-    if suffix == ".jsonl":
-        return _read_jsonl(file)
-    return _read_parquet(file)
+    rows = (_read_txt(file, txt_id) if suffix == ".txt" else
+            _read_jsonl(file) if suffix == ".jsonl" else _read_parquet(file))
+    return ({"id": doc_id, "text": text, "url": url, "content_type": CONTENT_TYPE}
+            for doc_id, text, url in rows)
+
+
+def _file_kind(file: Path) -> str:
+    name = file.name.lower()
+    for suffix in (".warc.gz", ".wet.gz", ".warc", ".wet"):
+        if name.endswith(suffix):
+            return suffix.split(".")[1]
+    return file.suffix.lower().lstrip(".")
+
+
+def _read_files(source: FilesSource, stats: Counter) -> Iterator[dict]:
+    plan = []
+    for entry in source.paths:
+        files, skipped = _files(entry)
+        plan += files
+        stats["ignored_files"] += skipped
+    stats["input_files"] += len(plan)
+    for file, txt_id in plan:
+        kind = _file_kind(file)
+        resolved = str(file.resolve())
+        for row in _read(file, txt_id, stats):
+            stats[f"{kind}_documents"] += 1
+            yield {**row, "source_file": resolved}
+
+
+def _open_dataset(source: DatasetSource):
+    import datasets
+
+    path = Path(source.dataset).expanduser()
+    if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+        loaded = datasets.load_from_disk(str(path))  # written by save_to_disk: memory-mapped
+        if isinstance(loaded, datasets.DatasetDict):
+            if source.split not in loaded:
+                raise _fail(f"source {source.name!r}: {path} has splits {list(loaded)}, not "
+                            f"{source.split!r}; set its split")
+            loaded = loaded[source.split]
+        return loaded.to_iterable_dataset() if source.streaming else loaded
+    return datasets.load_dataset(str(path) if path.exists() else source.dataset,
+                                 source.subset, split=source.split, revision=source.revision,
+                                 streaming=source.streaming)
+
+
+def _read_dataset(source: DatasetSource, stats: Counter) -> Iterator[dict]:
+    try:
+        rows = _open_dataset(source)
+    except StageInputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - datasets raises many kinds for a bad name/path
+        raise _fail(f"source {source.name!r}: could not open dataset {source.dataset!r} "
+                    f"(split {source.split!r}): {type(exc).__name__}: {exc}") from None
+    columns = getattr(rows, "column_names", None) or []
+    for wanted in (source.text_column, source.id_column, source.url_column):
+        if wanted and columns and wanted not in columns:
+            raise _fail(f"source {source.name!r}: dataset {source.dataset!r} has columns "
+                        f"{columns}, not {wanted!r}; set text_column/id_column/url_column")
+    stats["input_datasets"] += 1
+    for index, row in enumerate(rows):
+        if source.max_documents and index >= source.max_documents:
+            break
+        where = f"dataset {source.dataset!r} row {index}"
+        if source.text_column not in row:
+            raise _fail(f"source {source.name!r}: {where} has no column "
+                        f"{source.text_column!r}; set its text_column")
+        doc_id = (_document_id(row.get(source.id_column), where) if source.id_column
+                  else f"{source.name}-{index}")
+        url = row.get(source.url_column) if source.url_column else None
+        stats["dataset_documents"] += 1
+        yield {"id": doc_id, "text": _text(row[source.text_column], where),
+               "url": _url(url, f"hf://{source.dataset}/{source.split}#{index}", where),
+               "content_type": CONTENT_TYPE, "source_file": f"hf://{source.dataset}"}
+
+
+def _mix_key(seed: int, source: str, doc_id: str) -> float:
+    digest = hashlib.sha256(f"{seed}\0{source}\0{doc_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def mix_fractions(counts: dict[str, int], weights: dict[str, float]) -> dict[str, float]:
+    """Each source's kept fraction for the largest mix in the weights' proportions that
+    the available documents allow (the scarcest source, for its weight, keeps all)."""
+    total_weight = sum(weights.values())
+    shares = {name: weights[name] / total_weight for name in weights}
+    size = min(counts[name] / shares[name] for name in shares)  # the mix's total documents
+    return {name: min(1.0, shares[name] * size / counts[name]) if counts[name] else 0.0
+            for name in shares}
+
+
+def _mix(config: SourceConfig, everything: Path, out_dir: Path, counts: dict[str, int],
+         stats: Counter) -> int:
+    """Keep each source's hash-chosen share; the others go to removed/ (reason 'mix')."""
+    weights = {s.name: s.weight for s in config.sources()}
+    fractions = mix_fractions(counts, weights)
+    kept = 0
+    with ShardWriter(out_dir / "data", config.shard_size) as writer, \
+            ShardWriter(out_dir / "removed", config.shard_size) as removed:
+        for record in iter_records(everything):
+            name = record["source"]
+            if _mix_key(config.mix_seed, name, record["id"]) < fractions[name]:
+                writer.add(record)
+                kept += 1
+                stats[f"source.{name}.documents"] += 1
+            else:
+                removed.add({**record, "reason": "mix"})
+                stats["removed_mix"] += 1
+    for name, fraction in fractions.items():
+        stats[f"source.{name}.mix_fraction"] = round(fraction, 6)
+    return kept
 
 
 def ingest_local(config: SourceConfig, out_dir: Path) -> dict:
-    """Read ``config.paths`` into ``out_dir/data`` (columns id, text, url, source,
-    content_type), keeping the given ids; see ``SourceConfig.paths`` for the formats."""
-    if not config.paths:
-        raise _fail("source.paths is empty; give files or folders, or crawl instead")
+    """Read every configured source into ``out_dir/data`` (columns ``COLUMNS``), keeping
+    the given ids; mixed by weight when the sources have weights."""
+    if not config.enabled:
+        raise _fail("source.paths, source.files and source.datasets are empty; give files, "
+                    "folders or datasets, or crawl instead")
     started = time.perf_counter()
-    plan, ignored = [], 0
-    for entry in config.paths:
-        files, skipped = _files(Path(entry).expanduser())
-        plan += files
-        ignored += skipped
-    origin: dict[str, Path] = {}
-    per_type: Counter[str] = Counter()
+    out_dir = Path(out_dir)
+    sources = config.sources()
+    mixing = len(sources) > 1 and all(s.weight is not None for s in sources)
+    target = out_dir / ("all" if mixing else "data")
+    origin: dict[str, str] = {}
+    stats: Counter = Counter()
+    counts: Counter = Counter()
     empty = 0
     bar = progress(desc="ingest", unit="doc")
-    with ShardWriter(Path(out_dir) / "data", config.shard_size) as writer:
-        for file, txt_id in plan:
-            source = str(file.resolve())
-            for doc_id, text, url in _read(file, txt_id):
+    with ShardWriter(target, config.shard_size) as writer:
+        for source in sources:
+            rows = (_read_dataset(source, stats) if isinstance(source, DatasetSource)
+                    else _read_files(source, stats))
+            for row in rows:
+                doc_id = row["id"]
+                where = row.get("source_file") or source.name
                 if doc_id in origin:
-                    raise _fail(f"duplicate id {doc_id!r} in {origin[doc_id]} and {file}; "
-                                "ids must be unique across all source.paths")
-                origin[doc_id] = file
-                writer.add({"id": doc_id, "text": text, "url": url, "source": source,
-                            "content_type": CONTENT_TYPE})
-                per_type[file.suffix.lower().lstrip(".")] += 1
-                empty += not text.strip()
+                    raise _fail(f"duplicate id {doc_id!r} in {origin[doc_id]} and {where}; "
+                                "ids must be unique across all sources")
+                origin[doc_id] = where
+                record = {column: row.get(column) or "" for column in COLUMNS}
+                record["source"] = source.name
+                writer.add(record)
+                counts[source.name] += 1
+                empty += not row["text"].strip()
                 bar.update(1)
     bar.close()
     count = len(origin)
     if count == 0:
-        raise _fail(f"no documents in {config.paths} (the files hold no lines or rows); "
-                    "check source.paths")
+        skipped = ", ".join(f"{k}: {stats[k]}" for k in WARC_SKIPPED if stats[k])
+        raise _fail(f"no documents in {[s.name for s in sources]} (the files hold no lines, "
+                    f"rows or text records{'; skipped ' + skipped if skipped else ''}); check "
+                    "the sources")
+    for name in (s.name for s in sources):
+        stats[f"source.{name}.read"] = counts[name]
+    if mixing:
+        count = _mix(config, target, out_dir, counts, stats)
+        shutil.rmtree(target)
+    else:
+        for name in counts:
+            stats[f"source.{name}.documents"] = counts[name]
     seconds = time.perf_counter() - started
-    log.info("crawl: read %d documents from %d files in %.1fs (%s); %d empty, %d files "
-             "ignored for their extension", count, len(plan), seconds,
-             ", ".join(f"{kind}: {n}" for kind, n in sorted(per_type.items())), empty, ignored)
-    stats = {"input_files": len(plan), "documents": count, "empty_documents": empty,
-             "ignored_files": ignored}
-    stats.update({f"{kind}_documents": per_type[kind] for kind in ("txt", "jsonl", "parquet")})
-    return {"count": count, "stats": stats}
+    log.info("crawl: read %d documents from %d sources (%s) in %.1fs; %d empty%s",
+             len(origin), len(sources), ", ".join(f"{n}: {c}" for n, c in counts.items()),
+             seconds, empty, f"; mixed by weight to {count}" if mixing else "")
+    if stats["undecodable_documents"]:
+        log.info("crawl: %d documents had bytes no charset could decode (replaced by U+FFFD)",
+                 stats["undecodable_documents"])
+    stats.update({"documents": count, "empty_documents": empty})
+    for kind in ("txt", "jsonl", "parquet", "warc", "wet"):
+        stats.setdefault(f"{kind}_documents", 0)
+    stats.setdefault("ignored_files", 0)
+    stats.setdefault("input_files", 0)
+    return {"count": count, "stats": dict(stats)}

@@ -67,7 +67,7 @@ def test_malformed_override_and_missing_file_are_config_errors(tmp_path):
 
 
 def test_two_sources_or_none_are_refused():
-    with pytest.raises(ConfigError, match="source.paths and crawl.seeds"):
+    with pytest.raises(ConfigError, match="crawl.seeds are both set"):
         load_config(None, ["source.paths=[x]", "crawl.seeds=[http://127.0.0.1/]"])
     with pytest.raises(ConfigError, match="nothing to read"):
         load_config(None, ["crawl.enabled=false"])

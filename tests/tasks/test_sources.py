@@ -39,7 +39,9 @@ def test_txt_folder_is_read_recursively_with_relative_ids(tmp_path):
     beta = docs_by_id["sub/b.txt"]
     assert beta["text"] == "beta text"
     assert beta["url"] == (docs / "sub" / "b.txt").resolve().as_uri()
-    assert beta["source"] == str((docs / "sub" / "b.txt").resolve())
+    assert beta["source_file"] == str((docs / "sub" / "b.txt").resolve())
+    assert beta["source"] == "local"  # the source's name (source.name)
+    assert beta["warc_record_id"] == "" and beta["fetched_at"] == ""
     assert beta["content_type"] == "text/plain"
     assert result["stats"]["ignored_files"] == 1 and result["stats"]["txt_documents"] == 2
 
@@ -87,7 +89,7 @@ def test_output_is_sharded_by_shard_size(tmp_path):
 
 @pytest.mark.parametrize("make, expected", [
     (lambda d: d / "missing", "missing does not exist"),
-    (lambda d: (d / "empty").mkdir() or d / "empty", "has no .txt, .jsonl, .parquet files"),
+    (lambda d: (d / "empty").mkdir() or d / "empty", "has no .txt, .jsonl, .parquet, .warc"),
     (lambda d: (d / "table.csv").write_text("a,b") and d / "table.csv", "unsupported extension"),
     (lambda d: write_jsonl(d / "bad.jsonl", [{"id": 1, "text": "ok"}, "{not json"]),
      "bad.jsonl:2 is not valid JSON"),
