@@ -258,6 +258,9 @@ def config_yaml(config: BaseModel, indent: str = "", redacted: bool = True) -> s
             if not indent:
                 lines.append("")
         else:
+            if isinstance(value, list) and any(isinstance(v, BaseModel) for v in value):
+                value = [v.model_dump(mode="json") if isinstance(v, BaseModel) else v
+                         for v in value]  # a list of sections (source.files, ...)
             lines.append(f"{indent}{name}: "
                          f"{_yaml_value(redact_secrets(value) if redacted else value)}")
     return "\n".join(lines).rstrip() + ("\n" if not indent else "")

@@ -15,9 +15,9 @@ or dataset a document came from), ``content_type``, and the archive's ``warc_rec
 and ``fetched_at`` (empty for documents that did not come from an archive).
 
 With a ``weight`` on every source, the sources are mixed in those proportions (by
-documents), deterministically: each source keeps a hash-chosen share of its documents,
-the largest mix the available documents allow; the rest go to ``removed/`` (reason
-``mix``), so nothing is lost.
+documents), deterministically: the largest mix the available documents allow, each
+source keeping exactly its share, chosen by a hash of (seed, source, id); the rest go to
+``removed/`` (reason ``mix``), so nothing is lost.
 
 Files are read one at a time and .jsonl/.parquet files streamed, so memory does not grow
 with the corpus; only the ids are remembered, to reject duplicates, because ids given by
@@ -369,35 +369,41 @@ def _mix_key(seed: int, source: str, doc_id: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def mix_fractions(counts: dict[str, int], weights: dict[str, float]) -> dict[str, float]:
-    """Each source's kept fraction for the largest mix in the weights' proportions that
-    the available documents allow (the scarcest source, for its weight, keeps all)."""
+def mix_counts(counts: dict[str, int], weights: dict[str, float]) -> dict[str, int]:
+    """Documents each source keeps in the largest mix in the weights' proportions that the
+    available documents allow (the scarcest source, for its weight, keeps all)."""
     total_weight = sum(weights.values())
     shares = {name: weights[name] / total_weight for name in weights}
     size = min(counts[name] / shares[name] for name in shares)  # the mix's total documents
-    return {name: min(1.0, shares[name] * size / counts[name]) if counts[name] else 0.0
-            for name in shares}
+    return {name: min(counts[name], int(shares[name] * size + 1e-9)) for name in shares}
 
 
-def _mix(config: SourceConfig, everything: Path, out_dir: Path, counts: dict[str, int],
+def _mix(config: SourceConfig, everything: Path, out_dir: Path, keys: dict[str, list],
          stats: Counter) -> int:
-    """Keep each source's hash-chosen share; the others go to removed/ (reason 'mix')."""
+    """Keep each source's share: its documents with the smallest mix keys; the others go
+    to removed/ (reason 'mix')."""
+    import numpy as np
+
     weights = {s.name: s.weight for s in config.sources()}
-    fractions = mix_fractions(counts, weights)
+    wanted = mix_counts({name: len(keys.get(name, [])) for name in weights}, weights)
+    cutoff = {}
+    for name, k in wanted.items():
+        values = np.asarray(keys.get(name, []), dtype=np.float64)
+        cutoff[name] = -1.0 if k == 0 else float(np.partition(values, k - 1)[k - 1])
     kept = 0
     with ShardWriter(out_dir / "data", config.shard_size) as writer, \
             ShardWriter(out_dir / "removed", config.shard_size) as removed:
         for record in iter_records(everything):
             name = record["source"]
-            if _mix_key(config.mix_seed, name, record["id"]) < fractions[name]:
+            if _mix_key(config.mix_seed, name, record["id"]) <= cutoff[name]:
                 writer.add(record)
                 kept += 1
                 stats[f"source.{name}.documents"] += 1
             else:
                 removed.add({**record, "reason": "mix"})
                 stats["removed_mix"] += 1
-    for name, fraction in fractions.items():
-        stats[f"source.{name}.mix_fraction"] = round(fraction, 6)
+    for name in wanted:
+        stats.setdefault(f"source.{name}.documents", 0)
     return kept
 
 
@@ -415,6 +421,7 @@ def ingest_local(config: SourceConfig, out_dir: Path) -> dict:
     origin: dict[str, str] = {}
     stats: Counter = Counter()
     counts: Counter = Counter()
+    keys: dict[str, list[float]] = {}  # each source's mix keys, when mixing
     empty = 0
     bar = progress(desc="ingest", unit="doc")
     with ShardWriter(target, config.shard_size) as writer:
@@ -432,6 +439,9 @@ def ingest_local(config: SourceConfig, out_dir: Path) -> dict:
                 record["source"] = source.name
                 writer.add(record)
                 counts[source.name] += 1
+                if mixing:
+                    keys.setdefault(source.name, []).append(
+                        _mix_key(config.mix_seed, source.name, doc_id))
                 empty += not row["text"].strip()
                 bar.update(1)
     bar.close()
@@ -444,7 +454,7 @@ def ingest_local(config: SourceConfig, out_dir: Path) -> dict:
     for name in (s.name for s in sources):
         stats[f"source.{name}.read"] = counts[name]
     if mixing:
-        count = _mix(config, target, out_dir, counts, stats)
+        count = _mix(config, target, out_dir, keys, stats)
         shutil.rmtree(target)
     else:
         for name in counts:

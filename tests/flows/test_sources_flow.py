@@ -1,0 +1,54 @@
+"""Several sources through the flow: a WARC archive and a .jsonl corpus, mixed by weight,
+named in every document, counted per source in the data report and in MLflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from flows.config import load_config
+from flows.pipeline import pipeline
+from tasks.shards import iter_records
+from tests.flows.conftest import write_corpus
+from tests.tasks.test_warc_source import write_warc
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
+
+
+def test_a_warc_archive_and_a_corpus_mixed_by_weight_through_the_flow(tmp_path):
+    (tmp_path / "archive").mkdir()
+    warc_ids = write_warc(tmp_path / "archive" / "crawl.warc.gz")
+    corpus = write_corpus(tmp_path / "corpus", count=40)
+    files = json.dumps([{"name": "web", "paths": [str(tmp_path / "archive" / "*.warc.gz")],
+                         "weight": 1}])
+    config = load_config(TINY_CONFIG, [
+        f"source.paths=[{corpus}]", "source.name=books", "source.weight=4",
+        f"source.files={files}", "source.shard_size=10"])
+    workdir = tmp_path / "work"
+    result = pipeline(config=config, workdir=str(workdir), until="extract")
+
+    stages = result["stages"]
+    ingest = stages["crawl"]["stats"]
+    # 41 corpus documents and 2 pages: books:web = 4:1 keeps the 2 pages and 8 documents
+    assert ingest["source.web.read"] == 2 and ingest["source.books.read"] == 41
+    assert (ingest["source.web.documents"], ingest["source.books.documents"]) == (2, 8)
+    assert ingest["removed_mix"] == 33 and stages["crawl"]["count"] == 10
+    extracted = {r["id"]: r for r in iter_records(stages["extract"]["output"])}
+    pages = [r for r in extracted.values() if r["source"] == "web"]
+    assert {r["id"] for r in pages} == set(warc_ids.values())
+    assert all(r["warc_record_id"] == r["id"] and r["fetched_at"] for r in pages)
+    assert "stone bridge" in next(r["text"] for r in pages if r["url"].endswith("/a"))
+
+    report = Path(result["data_report"]).read_text()
+    assert "## documents per source after each stage" in report
+    assert "| books | 8 |" in report and "| web | 2 |" in report
+
+    mlflow.set_tracking_uri(result["tracking_uri"])
+    extract_run = mlflow.get_run(stages["extract"]["mlflow_run_id"])
+    assert extract_run.data.metrics["source.web.documents"] == 2
+    assert extract_run.data.metrics["source.books.documents"] == 8
