@@ -21,13 +21,14 @@ def _source_mix(stages: dict[str, dict]) -> list[str]:
     if not sources:
         return []
     lines = ["", "## documents per source after each stage", "",
-             "Documents (words, counted on whitespace, from extract on).", "",
+             ("Documents (and words, counted on whitespace, from extract on; tokens at "
+              "tokenize)."), "",
              "| source | " + " | ".join(shown) + " |", "|---|" + "---:|" * len(shown)]
     for source in sources:
         cells = []
         for stats in shown.values():
             documents = stats.get(f"source.{source}.documents")
-            words = stats.get(f"source.{source}.words")
+            words = stats.get(f"source.{source}.words", stats.get(f"source.{source}.tokens"))
             cells.append("" if documents is None else
                          f"{documents:,}" + (f" ({words:,})" if words is not None else ""))
         lines.append(f"| {source} | " + " | ".join(cells) + " |")

@@ -225,7 +225,16 @@ def encode_shard(model_file: str, shard: str, parts_dir: str, val_fraction: floa
               "train_bytes": 0, "val_bytes": 0}
     threads = os.cpu_count() or 1
 
-    def write(encoded: list[list[int]], held_out: list[bool], sizes: np.ndarray) -> None:
+    def write(encoded: list[list[int]], held_out: list[bool], sizes: np.ndarray,
+              sources: tuple[list[str], np.ndarray]) -> None:
+        names, codes = sources  # tokens and documents per source (the data report's mix)
+        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        tokens = np.bincount(codes, weights=lengths, minlength=len(names))
+        documents = np.bincount(codes, minlength=len(names))
+        for name, n_tokens, n_documents in zip(names, tokens, documents):
+            for key, value in (("tokens", n_tokens), ("documents", n_documents)):
+                counts[f"source.{name}.{key}"] = counts.get(f"source.{name}.{key}", 0) + \
+                    int(value)
         # each side's documents (each ending in EOS) as one flat array: the lists are split
         # by side first, so no per-token mask is built, and numpy converts the ids in C
         for side, wanted in (("train", False), ("val", True)):
@@ -240,9 +249,12 @@ def encode_shard(model_file: str, shard: str, parts_dir: str, val_fraction: floa
             counts[f"{side}_documents"] += len(lists)
             counts[f"{side}_bytes"] += int(sizes[np.array(held_out) == wanted].sum())
 
-    def batches() -> Iterator[tuple[list[bytes], list[bool], np.ndarray]]:
-        for batch in pq.ParquetFile(shard, memory_map=True).iter_batches(
-                batch_size=ENCODE_BATCH, columns=["id", "text"]):
+    parquet = pq.ParquetFile(shard, memory_map=True)
+    with_source = "source" in parquet.schema_arrow.names
+
+    def batches() -> Iterator[tuple[list[bytes], list[bool], np.ndarray, tuple]]:
+        for batch in parquet.iter_batches(batch_size=ENCODE_BATCH, columns=[
+                "id", "text", *(["source"] if with_source else [])]):
             text = pc.fill_null(batch.column("text"), "")
             # sentencepiece reads UTF-8 bytes as they are: no decoding into str and back
             texts = text.cast(pa.large_binary() if pa.types.is_large_string(text.type)
@@ -252,7 +264,12 @@ def encode_shard(model_file: str, shard: str, parts_dir: str, val_fraction: floa
             held_out = [exceptions[doc_id] if doc_id in exceptions
                         else is_validation(doc_id, val_fraction) for doc_id in ids] \
                 if val_fraction > 0 or exceptions else [False] * batch.num_rows
-            yield texts, held_out, sizes
+            if with_source:
+                encoded = pc.fill_null(batch.column("source"), "crawl").dictionary_encode()
+                sources = (encoded.dictionary.to_pylist(), encoded.indices.to_numpy())
+            else:  # the crawl's pages (as the data stages count them)
+                sources = (["crawl"], np.zeros(batch.num_rows, dtype=np.int64))
+            yield texts, held_out, sizes, sources
 
     # sentencepiece lets go of the GIL while it encodes: one batch per core is encoded at
     # a time, each on a thread of its own (busier cores than one batch split over them),
@@ -263,15 +280,15 @@ def encode_shard(model_file: str, shard: str, parts_dir: str, val_fraction: floa
             ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tokenize") as encoder:
         files = {"train": train_fh, "val": val_fh}
         in_flight: deque = deque()
-        for texts, held_out, sizes in batches():
+        for texts, *rest in batches():
             in_flight.append((encoder.submit(sp.encode, texts, num_threads=1, add_eos=True),
-                              held_out, sizes))
+                              rest))
             if len(in_flight) > threads:  # the oldest batch, written out in order
-                future, held, counted = in_flight.popleft()
-                write(future.result(), held, counted)
+                future, rest = in_flight.popleft()
+                write(future.result(), *rest)
         while in_flight:
-            future, held, counted = in_flight.popleft()
-            write(future.result(), held, counted)
+            future, rest = in_flight.popleft()
+            write(future.result(), *rest)
     write_text_atomic(done, json.dumps(counts))
     return counts
 
@@ -373,7 +390,12 @@ def tokenize_corpus(config: TokenizeConfig, input_dir: Path, out_dir: Path,
           config.val_fraction, exceptions, dtype.name) for shard in shards])
     join_parts(out_dir / "parts", [shard.stem for shard in shards], out_dir)
     shutil.rmtree(out_dir / "parts")  # the joined files hold the same tokens
-    counts = {key: sum(part[key] for part in parts) for key in parts[0]}
+    totals: dict[str, int] = {}
+    for part in parts:
+        for key, value in part.items():
+            totals[key] = totals.get(key, 0) + value
+    per_source = {k: v for k, v in sorted(totals.items()) if k.startswith("source.")}
+    counts = {k: v for k, v in totals.items() if not k.startswith("source.")}
     meta = {"dtype": dtype.name, "vocab_size": vocab_size, "bos_id": sp.bos_id(),
             "eos_id": sp.eos_id(), "pad_id": sp.pad_id(), "unk_id": sp.unk_id(),
             "model_type": sp_model_type(out_dir / "tokenizer.model"), **counts}
@@ -391,7 +413,7 @@ def tokenize_corpus(config: TokenizeConfig, input_dir: Path, out_dir: Path,
         "stats": {"vocab_size": vocab_size, "train_tokens": counts["train_tokens"],
                   "val_tokens": counts["val_tokens"], "train_documents": counts["train_documents"],
                   "val_documents": counts["val_documents"],
-                  "bytes_per_token": round(bytes_per_token, 4)},
+                  "bytes_per_token": round(bytes_per_token, 4), **per_source},
         "artifacts": {"tokenizer_model": "tokenizer.model", "tokenizer_vocab": "tokenizer.vocab",
                       "meta": "meta.json"},
     }

@@ -108,3 +108,19 @@ def test_shards_encode_in_parallel_to_the_same_bins(tmp_path):
         assert (tmp_path / "serial" / name).read_bytes() == \
             (tmp_path / "parallel" / name).read_bytes(), name
     assert not (tmp_path / "parallel" / "parts").exists()
+
+
+def test_tokens_and_documents_are_counted_per_source(tmp_path):
+    records = make_corpus(tmp_path / "plain")
+    for number, record in enumerate(records):
+        record["source"] = "books" if number % 3 else "web"
+    write_records(records, tmp_path / "named", shard_size=15)
+    result = tokenize_corpus(TokenizeConfig(vocab_size=400), tmp_path / "named", tmp_path / "a")
+    stats = result["stats"]
+    assert stats["source.web.documents"] == 14 and stats["source.books.documents"] == 26
+    assert stats["source.web.tokens"] + stats["source.books.tokens"] == result["count"]
+    meta = json.loads((tmp_path / "a" / "meta.json").read_text())
+    assert not any(key.startswith("source.") for key in meta)  # training's meta stays lean
+    # a corpus without a source column (the crawl's pages) is counted as the crawl
+    crawled = tokenize_corpus(TokenizeConfig(vocab_size=400), tmp_path / "plain", tmp_path / "b")
+    assert crawled["stats"]["source.crawl.tokens"] == crawled["count"]
