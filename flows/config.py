@@ -134,9 +134,13 @@ class PipelineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> PipelineConfig:
-        if self.source.enabled and self.crawl.seeds:
+        if self.source.enabled and self.crawl.seeds and not self.source.include_crawl:
             raise ValueError("source (paths, files or datasets) and crawl.seeds are both set: "
-                             "read local sources or crawl the web (crawl.seeds), not both")
+                             "read local sources or crawl the web (crawl.seeds), or set "
+                             "source.include_crawl to mix the crawl in with the sources")
+        if self.source.include_crawl and not self.crawl.enabled:
+            raise ValueError("source.include_crawl is set but crawl.enabled is false: enable "
+                             "the crawl, or drop include_crawl")
         if not self.source.enabled and not self.crawl.enabled:
             raise ValueError("crawl.enabled is false and source.paths, source.files and "
                              "source.datasets are empty, so there is nothing to read: set "

@@ -144,26 +144,37 @@ def _fingerprint(paths: list[str]) -> list[list]:
 def crawl_stage(config: PipelineConfig, ctx: RunContext) -> Manifest:
     """Read the configured sources (files, archives, datasets), or crawl the seeds or the
     embedded Python docs."""
-    if config.source.enabled:
-        local = [entry for source in config.source.sources()
-                 for entry in getattr(source, "paths", None) or [source.dataset]
-                 if glob.has_magic(entry) or Path(entry).expanduser().exists()]
-        return run_tracked(
-            ctx, "crawl", config.source,
-            lambda out, _: tasks.sources.ingest_local(config.source, out),
-            code=[tasks.sources, tasks.warc, tasks.charset],
-            extra_key={"files": _fingerprint(local)})
-
     snapshot = tasks.crawl.resolve_snapshot(config.crawl.snapshot)
-
-    extra = {"snapshot": snapshot}
-    code = [tasks.crawl]
+    crawl_key = {"snapshot": snapshot}
+    crawl_code = [tasks.crawl]
     if not config.crawl.seeds:  # this Python's docs, served on loopback by tasks.docserver
-        extra["python_docs"] = platform.python_version()
-        code.append(tasks.docserver)
-    return run_tracked(ctx, "crawl", config.crawl,
-                       lambda out_dir, _: tasks.crawl.crawl(config.crawl, out_dir),
-                       code=code, extra_key=extra)
+        crawl_key["python_docs"] = platform.python_version()
+        crawl_code.append(tasks.docserver)
+    if not config.source.enabled:
+        return run_tracked(ctx, "crawl", config.crawl,
+                           lambda out_dir, _: tasks.crawl.crawl(config.crawl, out_dir),
+                           code=crawl_code, extra_key=crawl_key)
+
+    local = [entry for source in config.source.sources()
+             for entry in getattr(source, "paths", None) or [getattr(source, "dataset", "")]
+             if glob.has_magic(entry) or (entry and Path(entry).expanduser().exists())]
+    extra = {"files": _fingerprint(local)}
+    code = [tasks.sources, tasks.warc, tasks.charset]
+    if config.source.include_crawl:  # the crawl, then its pages as the source 'crawl'
+        extra.update(crawl=config.crawl.model_dump(mode="json"), **crawl_key)
+        code += crawl_code
+
+    def build(out: Path, _) -> dict:
+        if not config.source.include_crawl:
+            return tasks.sources.ingest_local(config.source, out)
+        crawled = tasks.crawl.crawl(config.crawl, out / "crawl")
+        result = tasks.sources.ingest_local(config.source, out, crawled=out / "crawl" / "data")
+        result["stats"].update({f"crawl.{k}": v for k, v in crawled["stats"].items()
+                                if isinstance(v, (int, float))})
+        result["artifacts"] = {k: f"crawl/{v}" for k, v in crawled.get("artifacts", {}).items()}
+        return result
+
+    return run_tracked(ctx, "crawl", config.source, build, code=code, extra_key=extra)
 
 
 def _data_stage(name: str, core: Callable, modules: list,

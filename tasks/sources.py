@@ -110,6 +110,13 @@ class DatasetSource(BaseModel):
     _name = field_validator("name")(_check_name)
 
 
+class CrawlSource(BaseModel):
+    """The crawl stage's pages as one more source (``source.include_crawl``)."""
+
+    name: str = "crawl"
+    weight: float | None = None
+
+
 class SourceConfig(BaseModel):
     """Documents to read instead of (or, with a weight on each, mixed with) a crawl."""
 
@@ -131,6 +138,13 @@ class SourceConfig(BaseModel):
         [], description="Hugging Face datasets to read (name, dataset, subset, split, "
                         "text_column, id_column, url_column, streaming, max_documents, weight).")
     shard_size: int = Field(1000, ge=1, description="Documents per output parquet shard.")
+    include_crawl: bool = Field(
+        False, description="Also crawl (crawl.seeds, or the embedded Python docs when empty) "
+                           "and add its pages as the source named 'crawl', mixed with the "
+                           "sources above by crawl_weight.")
+    crawl_weight: float | None = Field(
+        None, gt=0, description="The crawl's share of the mix (with include_crawl), like the "
+                                "other sources' weight.")
     mix_seed: int = Field(0, description="Seed of the hash that picks which documents a "
                                          "weighted mix keeps.")
 
@@ -149,12 +163,16 @@ class SourceConfig(BaseModel):
                              "every source a weight to mix them, or none")
         return self
 
-    def sources(self) -> list[FilesSource | DatasetSource]:
-        """Every configured source: ``paths`` (as the source ``name``), files, datasets."""
+    def sources(self) -> list[FilesSource | DatasetSource | CrawlSource]:
+        """Every configured source: ``paths`` (as the source ``name``), files, datasets, and
+        the crawl (with ``include_crawl``)."""
         found: list = []
         if self.paths:
             found.append(FilesSource(name=self.name, paths=self.paths, weight=self.weight))
-        return found + list(self.files) + list(self.datasets)
+        found += list(self.files) + list(self.datasets)
+        if self.include_crawl:
+            found.append(CrawlSource(weight=self.crawl_weight))
+        return found
 
     @property
     def enabled(self) -> bool:
@@ -364,6 +382,16 @@ def _read_dataset(source: DatasetSource, stats: Counter) -> Iterator[dict]:
                "content_type": CONTENT_TYPE, "source_file": f"hf://{source.dataset}"}
 
 
+CRAWL_COLUMNS = ("id", "text", "url", "content_type", "fetched_at", "warc_record_id")
+
+
+def _read_crawl(crawled: Path, stats: Counter) -> Iterator[dict]:
+    """The crawl stage's pages (raw bodies: HTML goes on to extract)."""
+    for record in iter_records(crawled):
+        stats["crawl_documents"] += 1
+        yield {**{k: record.get(k) for k in CRAWL_COLUMNS}, "source_file": record.get("seed")}
+
+
 def _mix_key(seed: int, source: str, doc_id: str) -> float:
     digest = hashlib.sha256(f"{seed}\0{source}\0{doc_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
@@ -407,9 +435,12 @@ def _mix(config: SourceConfig, everything: Path, out_dir: Path, keys: dict[str, 
     return kept
 
 
-def ingest_local(config: SourceConfig, out_dir: Path) -> dict:
+def ingest_local(config: SourceConfig, out_dir: Path, crawled: Path | None = None) -> dict:
     """Read every configured source into ``out_dir/data`` (columns ``COLUMNS``), keeping
-    the given ids; mixed by weight when the sources have weights."""
+    the given ids; mixed by weight when the sources have weights. ``crawled``: the crawl's
+    data folder, the source 'crawl' with ``include_crawl``."""
+    if config.include_crawl and crawled is None:
+        raise ValueError("source.include_crawl needs the crawl's output (crawled)")
     if not config.enabled:
         raise _fail("source.paths, source.files and source.datasets are empty; give files, "
                     "folders or datasets, or crawl instead")
@@ -426,8 +457,9 @@ def ingest_local(config: SourceConfig, out_dir: Path) -> dict:
     bar = progress(desc="ingest", unit="doc")
     with ShardWriter(target, config.shard_size) as writer:
         for source in sources:
-            rows = (_read_dataset(source, stats) if isinstance(source, DatasetSource)
-                    else _read_files(source, stats))
+            rows = (_read_dataset(source, stats) if isinstance(source, DatasetSource) else
+                    _read_crawl(crawled, stats) if isinstance(source, CrawlSource) else
+                    _read_files(source, stats))
             for row in rows:
                 doc_id = row["id"]
                 where = row.get("source_file") or source.name

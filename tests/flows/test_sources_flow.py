@@ -52,3 +52,21 @@ def test_a_warc_archive_and_a_corpus_mixed_by_weight_through_the_flow(tmp_path):
     extract_run = mlflow.get_run(stages["extract"]["mlflow_run_id"])
     assert extract_run.data.metrics["source.web.documents"] == 2
     assert extract_run.data.metrics["source.books.documents"] == 8
+
+
+def test_the_crawl_mixed_in_with_a_corpus_as_the_source_named_crawl(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", count=40)
+    config = load_config(TINY_CONFIG, [
+        f"source.paths=[{corpus}]", "source.weight=1", "source.include_crawl=true",
+        "source.crawl_weight=1", "crawl.max_pages=12", "source.shard_size=10"])
+    result = pipeline(config=config, workdir=str(tmp_path / "work"), until="extract")
+
+    ingest = result["stages"]["crawl"]["stats"]
+    assert ingest["crawl.pages_fetched"] == ingest["source.crawl.read"] == 12
+    # 12 pages and 41 documents at 1:1: 12 of each
+    assert (ingest["source.crawl.documents"], ingest["source.local.documents"]) == (12, 12)
+    extracted = list(iter_records(result["stages"]["extract"]["output"]))
+    pages = [r for r in extracted if r["source"] == "crawl"]
+    assert pages and all(r["url"].startswith("http://pydoc.localhost/") for r in pages)
+    assert all("<html" not in r["text"].lower() for r in pages)  # the HTML was extracted
+    assert {r["source"] for r in extracted} == {"crawl", "local"}
