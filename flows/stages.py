@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, SecretStr
 
 import models
@@ -58,7 +59,7 @@ TRAINING_STAGES = frozenset({"pretrain", "finetune"})
 
 # A new release of one of these can change a stage's output, so its version is in the key.
 STAGE_LIBRARIES = {
-    "crawl": ("httpx", "lxml", "fastwarc", "warcio", "charset-normalizer", "protego", "courlan",
+    "crawl": ("httpx", "httpcore", "lxml", "fastwarc", "warcio", "charset-normalizer", "protego",
               "datasets"), "extract": ("trafilatura", "lxml"), "filter": (),
     "dedup": ("datasketch", "pyarrow", "pandas"), "pii": ("presidio-analyzer", "presidio-anonymizer", "spacy"),
     "tokenize": ("sentencepiece",), "pretrain": ("torch", "lightning"),
@@ -146,14 +147,16 @@ def crawl_stage(config: PipelineConfig, ctx: RunContext) -> Manifest:
     embedded Python docs."""
     snapshot = tasks.crawl.resolve_snapshot(config.crawl.snapshot)
     crawl_key = {"snapshot": snapshot}
-    crawl_code = [tasks.crawl]
+    crawl_code = [tasks.crawl, *tasks.crawl.CODE_MODULES, tasks.charset]
     if not config.crawl.seeds:  # this Python's docs, served on loopback by tasks.docserver
         crawl_key["python_docs"] = platform.python_version()
         crawl_code.append(tasks.docserver)
-    if not config.source.enabled:
-        return run_tracked(ctx, "crawl", config.crawl,
-                           lambda out_dir, _: tasks.crawl.crawl(config.crawl, out_dir),
-                           code=crawl_code, extra_key=crawl_key)
+    if not config.source.enabled:  # resumable: a killed crawl goes on from its frontier
+        manifest = run_tracked(ctx, "crawl", config.crawl,
+                               lambda out_dir, _: tasks.crawl.crawl(config.crawl, out_dir),
+                               code=crawl_code, extra_key=crawl_key, resumable=True)
+        _crawl_report_artifact(manifest["stats"])
+        return manifest
 
     local = [entry for source in config.source.sources()
              for entry in getattr(source, "paths", None) or [getattr(source, "dataset", "")]
@@ -174,7 +177,19 @@ def crawl_stage(config: PipelineConfig, ctx: RunContext) -> Manifest:
         result["artifacts"] = {k: f"crawl/{v}" for k, v in crawled.get("artifacts", {}).items()}
         return result
 
-    return run_tracked(ctx, "crawl", config.source, build, code=code, extra_key=extra)
+    manifest = run_tracked(ctx, "crawl", config.source, build, code=code, extra_key=extra,
+                           resumable=True)
+    if config.source.include_crawl:
+        _crawl_report_artifact({k.removeprefix("crawl."): v for k, v in manifest["stats"].items()
+                                if k.startswith("crawl.")})
+    return manifest
+
+
+def _crawl_report_artifact(stats: dict) -> None:
+    """The crawl report (responses by status, URLs not kept by reason, robots and SSRF
+    refusals, bytes, pages/s) as a Prefect markdown artifact."""
+    create_markdown_artifact(markdown=tasks.crawl.crawl_report_markdown(stats),
+                             key="crawl-report", description="forgeline crawl report")
 
 
 def _data_stage(name: str, core: Callable, modules: list,

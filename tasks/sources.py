@@ -446,6 +446,8 @@ def ingest_local(config: SourceConfig, out_dir: Path, crawled: Path | None = Non
                     "folders or datasets, or crawl instead")
     started = time.perf_counter()
     out_dir = Path(out_dir)
+    for folder in ("all", "data", "removed"):  # a rerun into a partial output starts over
+        shutil.rmtree(out_dir / folder, ignore_errors=True)
     sources = config.sources()
     mixing = len(sources) > 1 and all(s.weight is not None for s in sources)
     target = out_dir / ("all" if mixing else "data")

@@ -83,8 +83,12 @@ def site():
     server.close()
 
 
+LOOPBACK = ["127.0.0.1"]  # the test sites: refused by the SSRF guard unless allowed
+
+
 def run(tmp_path, seeds, **settings):
-    config = CrawlConfig(**{"backoff_seconds": 0.01, "timeout_seconds": 5, **settings})
+    config = CrawlConfig(**{"backoff_seconds": 0.01, "timeout_seconds": 5,
+                            "allowed_private_hosts": LOOPBACK, **settings})
     result = crawl(config, tmp_path / "out", seeds=seeds)
     pages = {r["url"]: r for r in iter_records(tmp_path / "out" / "data")}
     return result, pages
@@ -339,7 +343,8 @@ def test_seed_credentials_never_reach_logs_errors_or_shards(tmp_path, site, capl
 def test_seed_credentials_are_masked_in_the_config_and_in_errors(tmp_path, caplog):
     closed = Site()
     closed.close()
-    config = CrawlConfig(seeds=[with_credentials(closed.url)], retries=0)
+    config = CrawlConfig(seeds=[with_credentials(closed.url)], retries=0,
+                         allowed_private_hosts=LOOPBACK)
     assert config.seeds == [closed.url.replace("http://", "http://***@")]
     assert SECRET not in config.model_dump_json()
     with pytest.raises(ValidationError) as invalid:
