@@ -115,7 +115,9 @@ class PipelineConfig(BaseModel):
     extract: ExtractConfig = Field(
         default_factory=ExtractConfig, description="HTML to main-content text.")
     filter: FilterConfig = Field(
-        default_factory=FilterConfig, description="Quality rules; removed documents keep their reason.")
+        default_factory=FilterConfig,
+        description="Language identification, quality rules (Gopher, C4, FineWeb) and "
+                    "harmful-content blocklists; removed documents keep their reason.")
     dedup: DedupConfig = Field(
         default_factory=DedupConfig, description="Exact and MinHash near-duplicate removal.")
     pii: PiiConfig = Field(

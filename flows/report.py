@@ -13,6 +13,27 @@ def _removed_reasons(stats: dict[str, Any]) -> dict[str, int]:
             if k.startswith("removed_") and isinstance(v, (int, float)) and v}
 
 
+def _filter_details(stats: dict[str, Any]) -> list[str]:
+    """The languages the filter identified, and the lines C4's line rules dropped."""
+    languages = {k.removeprefix("language_"): int(v) for k, v in stats.items()
+                 if k.startswith("language_") and v}
+    dropped = {k.removeprefix("c4_lines_dropped_"): int(v) for k, v in stats.items()
+               if k.startswith("c4_lines_dropped_") and v}
+    lines: list[str] = []
+    if languages:
+        lines += ["", "## filter: documents by identified language", "",
+                  "| language | documents |", "|---|---:|"]
+        lines += [f"| {code} | {n} |" for code, n in
+                  sorted(languages.items(), key=lambda x: -x[1])]
+    if dropped:
+        lines += ["", "## filter: lines dropped by C4's line rules", "",
+                  (f"{stats.get('c4_chars_dropped', 0):,} characters from "
+                   f"{stats.get('c4_documents_changed', 0)} kept documents."), "",
+                  "| rule | lines |", "|---|---:|"]
+        lines += [f"| {rule} | {n} |" for rule, n in sorted(dropped.items(), key=lambda x: -x[1])]
+    return lines
+
+
 def _source_mix(stages: dict[str, dict]) -> list[str]:
     """Documents (and words, once the text is extracted) of each source after each stage."""
     shown = {n: m.get("stats", {}) for n, m in stages.items() if not m.get("skipped")}
@@ -88,6 +109,7 @@ def data_report(stages: dict[str, dict], out_dir: Path) -> dict[str, Path]:
             lines += ["", f"{name}: {sum(errors.values())} documents raised an error and were "
                           f"removed as `{name}_error` (by error class: "
                           + ", ".join(f"{k} {v}" for k, v in sorted(errors.items())) + ")."]
+    lines += _filter_details(stages.get("filter", {}).get("stats", {}))
     dedup = stages.get("dedup", {}).get("stats", {})
     if "duplicate_clusters" in dedup:
         lines += ["", "## dedup: clusters", "",

@@ -60,7 +60,7 @@ TRAINING_STAGES = frozenset({"pretrain", "finetune"})
 # A new release of one of these can change a stage's output, so its version is in the key.
 STAGE_LIBRARIES = {
     "crawl": ("httpx", "httpcore", "lxml", "fastwarc", "warcio", "charset-normalizer", "protego",
-              "datasets"), "extract": ("trafilatura", "lxml"), "filter": (),
+              "datasets"), "extract": ("trafilatura", "lxml"), "filter": ("py3langid",),
     "dedup": ("datasketch", "pyarrow", "pandas"), "pii": ("presidio-analyzer", "presidio-anonymizer", "spacy"),
     "tokenize": ("sentencepiece",), "pretrain": ("torch", "lightning"),
     "finetune": ("torch", "lightning", "sentencepiece"), "evaluate": ("torch", "sentencepiece"),
@@ -208,7 +208,8 @@ def _data_stage(name: str, core: Callable, modules: list,
 
 
 extract_stage = _data_stage("extract", tasks.extract.extract_text, [tasks.extract])
-filter_stage = _data_stage("filter", tasks.filter.filter_documents, [tasks.filter])
+filter_stage = _data_stage("filter", tasks.filter.filter_documents, tasks.filter.CODE,
+                           tasks.filter.key_inputs)
 dedup_stage = _data_stage("dedup", tasks.dedup.deduplicate, [tasks.dedup, tasks.minhash])
 # Installing a spaCy NER model changes what the pii stage finds, so it is part of the key.
 pii_stage = _data_stage("pii", tasks.pii.scrub_pii, [tasks.pii, tasks.pii_engine], lambda section: {
