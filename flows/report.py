@@ -37,16 +37,18 @@ def _filter_details(stats: dict[str, Any]) -> list[str]:
 def _source_mix(stages: dict[str, dict]) -> list[str]:
     """Documents (and words, once the text is extracted) of each source after each stage."""
     shown = {n: m.get("stats", {}) for n, m in stages.items() if not m.get("skipped")}
-    sources = sorted({key.split(".")[1] for st in shown.values() for key in st
-                      if key.startswith("source.") and key.endswith(".documents")})
+    sources = sorted({key[len("source."):-len(".documents")] for st in shown.values()
+                      for key in st if key.startswith("source.") and key.endswith(".documents")})
     if not sources:
         return []
+    read = shown.get("crawl", {})
     lines = ["", "## documents per source after each stage", "",
-             ("Documents (and words, counted on whitespace, from extract on; tokens at "
-              "tokenize)."), "",
-             "| source | " + " | ".join(shown) + " |", "|---|" + "---:|" * len(shown)]
+             ("Documents read, then kept after each stage (and words, counted on "
+              "whitespace, from extract on; tokens at tokenize)."), "",
+             "| source | read | " + " | ".join(shown) + " |", "|---|---:|" + "---:|" * len(shown)]
     for source in sources:
-        cells = []
+        documents_read = read.get(f"source.{source}.read")
+        cells = ["" if documents_read is None else f"{documents_read:,}"]
         for stats in shown.values():
             documents = stats.get(f"source.{source}.documents")
             words = stats.get(f"source.{source}.words", stats.get(f"source.{source}.tokens"))

@@ -57,10 +57,11 @@ class RunContext(BaseModel):
 # Stages whose MLflow runs also get MLflow's system metrics (CPU, memory, GPU).
 TRAINING_STAGES = frozenset({"pretrain", "finetune"})
 
+# Reading sources (files, archives, datasets) instead of, or besides, crawling.
+SOURCE_LIBRARIES = ("fastwarc", "charset-normalizer", "datasets", "pyarrow")
 # A new release of one of these can change a stage's output, so its version is in the key.
 STAGE_LIBRARIES = {
-    "crawl": ("httpx", "httpcore", "lxml", "fastwarc", "warcio", "charset-normalizer", "protego",
-              "datasets"), "extract": ("trafilatura", "lxml"), "filter": ("py3langid",),
+    "crawl": ("httpx", "httpcore", "lxml", "warcio", "charset-normalizer", "protego"), "extract": ("trafilatura", "lxml"), "filter": ("py3langid",),
     "dedup": ("datasketch", "pyarrow", "pandas"), "pii": ("presidio-analyzer", "presidio-anonymizer", "spacy"),
     "tokenize": ("sentencepiece",), "pretrain": ("torch", "lightning"),
     "finetune": ("torch", "lightning", "sentencepiece"), "evaluate": ("torch", "sentencepiece"),
@@ -80,15 +81,18 @@ def library_versions(names: tuple[str, ...]) -> dict[str, str | None]:
 def run_tracked(ctx: RunContext, stage: str, section: BaseModel | None,
                 build: Callable[[Path, Callable | None], dict], *, inputs: list[Manifest] = (),
                 code: list = (), extra_key: dict | None = None,
-                resumable: bool = False, tags: dict[str, str] | None = None) -> Manifest:
+                resumable: bool = False, tags: dict[str, str] | None = None,
+                libraries: tuple[str, ...] | None = None) -> Manifest:
     """Run one stage (or reuse its finished output) inside a nested MLflow run.
 
     The output is keyed by the stage's settings, its inputs, ``code`` (plus the shard
-    writer), ``extra_key`` and the versions of the libraries that compute it. A
+    writer), ``extra_key`` and the versions of the libraries that compute it
+    (``libraries``, default ``STAGE_LIBRARIES[stage]``). A
     ``resumable`` stage keeps its finished shards when it fails or is killed."""
     logger = get_run_logger()
     code = [*code, tasks.shards, tasks.shard_runner]
-    extra_key = {**(extra_key or {}), "libraries": library_versions(STAGE_LIBRARIES[stage])}
+    libraries = STAGE_LIBRARIES[stage] if libraries is None else libraries
+    extra_key = {**(extra_key or {}), "libraries": library_versions(libraries)}
     tracker = Tracker(ctx.tracking_uri.get_secret_value(), ctx.experiment)
     where = stage_dir(stage, workdir=ctx.workdir, config=section, inputs=inputs, code=code,
                       extra_key=extra_key)
@@ -177,8 +181,10 @@ def crawl_stage(config: PipelineConfig, ctx: RunContext) -> Manifest:
         result["artifacts"] = {k: f"crawl/{v}" for k, v in crawled.get("artifacts", {}).items()}
         return result
 
+    libraries = SOURCE_LIBRARIES + (STAGE_LIBRARIES["crawl"] if config.source.include_crawl
+                                    else ())
     manifest = run_tracked(ctx, "crawl", config.source, build, code=code, extra_key=extra,
-                           resumable=True)
+                           resumable=True, libraries=libraries)
     if config.source.include_crawl:
         _crawl_report_artifact({k.removeprefix("crawl."): v for k, v in manifest["stats"].items()
                                 if k.startswith("crawl.")})

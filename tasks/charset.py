@@ -9,11 +9,13 @@ The order follows what browsers do (the WHATWG encoding sniffing algorithm, simp
    are counted: a page with a few bad bytes is still in its declared charset);
 3. for HTML, a ``<meta charset>`` / ``http-equiv`` declaration in the first 4 KB, the
    same way;
-4. UTF-8, the same way (most of the web, and cheap to try);
-5. the encoding charset-normalizer detects from the bytes;
+4. UTF-8, if every byte fits (most of the web, and cheap to try);
+5. the encoding charset-normalizer detects from the bytes (windows-1252 among equally
+   likely ones);
 6. UTF-8 with every undecodable byte replaced by U+FFFD (counted in ``errors``).
 
-As browsers do, a declared ``iso-8859-1``/``us-ascii`` is read as ``windows-1252``.
+As browsers do, a declared ``iso-8859-1``/``us-ascii`` is read as ``windows-1252``, and a
+``<meta>`` naming UTF-16 as UTF-8.
 """
 
 from __future__ import annotations
@@ -97,8 +99,10 @@ def decode(body: bytes, content_type: str = "", *, html: bool | None = None) -> 
         html = "html" in (content_type or "").lower() or not content_type
     if html:
         match = _META.search(body[:4096])
-        candidates.append((_codec(match.group(1)) if match else None, "meta"))
-    candidates.append(("utf-8", "utf-8"))
+        meta = _codec(match.group(1)) if match else None
+        # a <meta> read as ASCII cannot be UTF-16: browsers take it as UTF-8 (WHATWG)
+        candidates.append(("utf-8" if meta and meta.replace("_", "-").startswith("utf-16") else meta,
+                           "meta"))
     for encoding, method in candidates:
         if encoding:
             found = _mostly(body, encoding, method)
@@ -106,6 +110,9 @@ def decode(body: bytes, content_type: str = "", *, html: bool | None = None) -> 
                 found = Decoded(body.decode("latin-1"), "latin-1", method)
             if found is not None:
                 return found
+    text = _strict(body, "utf-8")  # undeclared: UTF-8 only when every byte fits
+    if text is not None:
+        return Decoded(text, "utf-8", "utf-8")
     sniffed = _sniff(body)
     if sniffed:
         text = _strict(body, sniffed)
@@ -116,7 +123,15 @@ def decode(body: bytes, content_type: str = "", *, html: bool | None = None) -> 
 
 
 def _sniff(body: bytes) -> str | None:
+    """The encoding charset-normalizer finds most likely; among equally likely ones,
+    windows-1252 (the web's most common legacy encoding: short Western European text
+    often reads as well in cp1250, and that pick would turn 'è' into 'č')."""
     from charset_normalizer import from_bytes
 
-    best = from_bytes(body[:65536]).best()  # a sample is enough to tell, and bounds the cost
-    return _codec(best.encoding) if best is not None else None
+    matches = list(from_bytes(body[:65536]))  # a sample is enough to tell, and bounds the cost
+    if not matches:
+        return None
+    best = matches[0]
+    tied = [m.encoding for m in matches
+            if m.chaos <= best.chaos + 1e-9 and m.coherence >= best.coherence - 1e-9]
+    return "cp1252" if "cp1252" in tied else _codec(best.encoding)

@@ -16,12 +16,14 @@ and ``fetched_at`` (empty for documents that did not come from an archive).
 
 With a ``weight`` on every source, the sources are mixed in those proportions (by
 documents), deterministically: the largest mix the available documents allow, each
-source keeping exactly its share, chosen by a hash of (seed, source, id); the rest go to
+source keeping its share (rounded down), chosen by a hash of (seed, source, id); the rest
+go to
 ``removed/`` (reason ``mix``), so nothing is lost.
 
-Files are read one at a time and .jsonl/.parquet files streamed, so memory does not grow
-with the corpus; only the ids are remembered, to reject duplicates, because ids given by
-the input are kept through every stage and must name one document each.
+Files are read one at a time, and .jsonl/.parquet/archive files and datasets streamed;
+what is kept per document is 8 bytes of its id's hash (16 when mixing), to reject a
+repeated id at the end, because ids given by the input are kept through every stage and
+must name one document each.
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ from __future__ import annotations
 import codecs
 import glob
 import hashlib
+import itertools
 import json
 import logging
 import re
 import shutil
 import time
+from array import array
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -138,6 +142,9 @@ class SourceConfig(BaseModel):
         [], description="Hugging Face datasets to read (name, dataset, subset, split, "
                         "text_column, id_column, url_column, streaming, max_documents, weight).")
     shard_size: int = Field(1000, ge=1, description="Documents per output parquet shard.")
+    max_record_bytes: int = Field(
+        10_000_000, ge=1, description="A web archive record whose payload is larger is skipped "
+                                      "(counted as warc_too_large) without being read whole.")
     include_crawl: bool = Field(
         False, description="Also crawl (crawl.seeds, or the embedded Python docs when empty) "
                            "and add its pages as the source named 'crawl', mixed with the "
@@ -160,7 +167,8 @@ class SourceConfig(BaseModel):
         if weighted and len(weighted) != len(names):
             unweighted = [n for n in names if n not in weighted]
             raise ValueError(f"sources {weighted} have a weight and {unweighted} do not; give "
-                             "every source a weight to mix them, or none")
+                             "every source a weight to mix them (the crawl's is "
+                             "source.crawl_weight), or none")
         return self
 
     def sources(self) -> list[FilesSource | DatasetSource | CrawlSource]:
@@ -191,13 +199,17 @@ def _files(entry: str) -> tuple[list[tuple[Path, str]], int]:
     """(file, id prefix base) pairs to read for one configured path or glob, and how many
     files in a folder were ignored for their extension."""
     if glob.has_magic(entry):
-        matches = sorted(Path(p) for p in glob.glob(str(Path(entry).expanduser()),
-                                                    recursive=True))
+        pattern = Path(entry).expanduser()
+        matches = sorted(Path(p) for p in glob.glob(str(pattern), recursive=True))
         files = [p for p in matches if p.is_file() and _is_supported(p)]
         if not files:
             raise _fail(f"the glob {entry!r} matches no {', '.join(SUPPORTED)} file; fix "
                         "source.paths")
-        return [(f, f.name) for f in files], len([p for p in matches if p.is_file()]) - len(files)
+        # ids relative to the part of the pattern before its first wildcard, as for a folder
+        root = Path(*[part for part in itertools.takewhile(
+            lambda part: not glob.has_magic(part), pattern.parts)])
+        return ([(f, f.relative_to(root).as_posix()) for f in files],
+                len([p for p in matches if p.is_file()]) - len(files))
     path = Path(entry).expanduser()
     if not path.exists():
         raise _fail(f"source path {path} does not exist; fix source.paths")
@@ -302,9 +314,9 @@ def _read_parquet(file: Path) -> Iterator[tuple[str, str, str]]:
             row_number += 1
 
 
-def _read(file: Path, txt_id: str, stats: Counter) -> Iterator[dict]:
+def _read(file: Path, txt_id: str, stats: Counter, max_bytes: int) -> Iterator[dict]:
     if is_archive(file):
-        return read_archive(file, stats)
+        return read_archive(file, stats, max_bytes)
     suffix = file.suffix.lower()
     rows = (_read_txt(file, txt_id) if suffix == ".txt" else
             _read_jsonl(file) if suffix == ".jsonl" else _read_parquet(file))
@@ -320,17 +332,18 @@ def _file_kind(file: Path) -> str:
     return file.suffix.lower().lstrip(".")
 
 
-def _read_files(source: FilesSource, stats: Counter) -> Iterator[dict]:
-    plan = []
+def _read_files(source: FilesSource, stats: Counter, max_bytes: int) -> Iterator[dict]:
+    plan: dict[Path, str] = {}  # a file named twice (a folder and a glob) is read once
     for entry in source.paths:
         files, skipped = _files(entry)
-        plan += files
+        for file, txt_id in files:
+            plan.setdefault(file.resolve(), txt_id)
         stats["ignored_files"] += skipped
     stats["input_files"] += len(plan)
-    for file, txt_id in plan:
+    for file, txt_id in plan.items():
         kind = _file_kind(file)
-        resolved = str(file.resolve())
-        for row in _read(file, txt_id, stats):
+        resolved = str(file)
+        for row in _read(file, txt_id, stats, max_bytes):
             stats[f"{kind}_documents"] += 1
             yield {**row, "source_file": resolved}
 
@@ -373,6 +386,9 @@ def _read_dataset(source: DatasetSource, stats: Counter) -> Iterator[dict]:
         if source.text_column not in row:
             raise _fail(f"source {source.name!r}: {where} has no column "
                         f"{source.text_column!r}; set its text_column")
+        if source.id_column and source.id_column not in row:
+            raise _fail(f"source {source.name!r}: {where} has no column {source.id_column!r}; "
+                        "set its id_column (empty: ids made from the row number)")
         doc_id = (_document_id(row.get(source.id_column), where) if source.id_column
                   else f"{source.name}-{index}")
         url = row.get(source.url_column) if source.url_column else None
@@ -406,17 +422,17 @@ def mix_counts(counts: dict[str, int], weights: dict[str, float]) -> dict[str, i
     return {name: min(counts[name], int(shares[name] * size + 1e-9)) for name in shares}
 
 
-def _mix(config: SourceConfig, everything: Path, out_dir: Path, keys: dict[str, list],
+def _mix(config: SourceConfig, everything: Path, out_dir: Path, keys: dict[str, array],
          stats: Counter) -> int:
     """Keep each source's share: its documents with the smallest mix keys; the others go
     to removed/ (reason 'mix')."""
     import numpy as np
 
     weights = {s.name: s.weight for s in config.sources()}
-    wanted = mix_counts({name: len(keys.get(name, [])) for name in weights}, weights)
+    wanted = mix_counts({name: len(keys[name]) for name in weights}, weights)
     cutoff = {}
     for name, k in wanted.items():
-        values = np.asarray(keys.get(name, []), dtype=np.float64)
+        values = np.frombuffer(keys[name], dtype=np.float64)
         cutoff[name] = -1.0 if k == 0 else float(np.partition(values, k - 1)[k - 1])
     kept = 0
     with ShardWriter(out_dir / "data", config.shard_size) as writer, \
@@ -435,6 +451,31 @@ def _mix(config: SourceConfig, everything: Path, out_dir: Path, keys: dict[str, 
     return kept
 
 
+def _id_hash(doc_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest(),
+                          "little")
+
+
+def _check_unique_ids(id_hashes: array, written: Path) -> None:
+    """Fail on a repeated id, naming it and where it came from: the ids' 8-byte hashes are
+    sorted (not a set of every id), and only a repeated hash sends us back to the shards."""
+    import numpy as np
+
+    hashes = np.sort(np.frombuffer(id_hashes, dtype=np.uint64))
+    repeated = set(hashes[1:][hashes[1:] == hashes[:-1]].tolist())
+    if not repeated:
+        return
+    seen: dict[str, str] = {}
+    for record in iter_records(written, columns=["id", "source", "source_file"]):
+        if _id_hash(record["id"]) not in repeated:
+            continue
+        where = record["source_file"] or record["source"]
+        if record["id"] in seen:
+            raise _fail(f"duplicate id {record['id']!r} in {seen[record['id']]} and {where}; "
+                        "ids must be unique across all sources")
+        seen[record["id"]] = where
+
+
 def ingest_local(config: SourceConfig, out_dir: Path, crawled: Path | None = None) -> dict:
     """Read every configured source into ``out_dir/data`` (columns ``COLUMNS``), keeping
     the given ids; mixed by weight when the sources have weights. ``crawled``: the crawl's
@@ -451,51 +492,58 @@ def ingest_local(config: SourceConfig, out_dir: Path, crawled: Path | None = Non
     sources = config.sources()
     mixing = len(sources) > 1 and all(s.weight is not None for s in sources)
     target = out_dir / ("all" if mixing else "data")
-    origin: dict[str, str] = {}
+    id_hashes = array("Q")  # 8 bytes a document, for the duplicate-id check at the end
     stats: Counter = Counter()
     counts: Counter = Counter()
-    keys: dict[str, list[float]] = {}  # each source's mix keys, when mixing
+    keys: dict[str, array] = {s.name: array("d") for s in sources}  # mix keys, when mixing
     empty = 0
     bar = progress(desc="ingest", unit="doc")
     with ShardWriter(target, config.shard_size) as writer:
         for source in sources:
             rows = (_read_dataset(source, stats) if isinstance(source, DatasetSource) else
                     _read_crawl(crawled, stats) if isinstance(source, CrawlSource) else
-                    _read_files(source, stats))
+                    _read_files(source, stats, config.max_record_bytes))
             for row in rows:
                 doc_id = row["id"]
-                where = row.get("source_file") or source.name
-                if doc_id in origin:
-                    raise _fail(f"duplicate id {doc_id!r} in {origin[doc_id]} and {where}; "
-                                "ids must be unique across all sources")
-                origin[doc_id] = where
+                id_hashes.append(_id_hash(doc_id))
                 record = {column: row.get(column) or "" for column in COLUMNS}
                 record["source"] = source.name
                 writer.add(record)
                 counts[source.name] += 1
                 if mixing:
-                    keys.setdefault(source.name, []).append(
-                        _mix_key(config.mix_seed, source.name, doc_id))
+                    keys[source.name].append(_mix_key(config.mix_seed, source.name, doc_id))
                 empty += not row["text"].strip()
                 bar.update(1)
     bar.close()
-    count = len(origin)
-    if count == 0:
+    read = len(id_hashes)
+    if read == 0:
         skipped = ", ".join(f"{k}: {stats[k]}" for k in WARC_SKIPPED if stats[k])
         raise _fail(f"no documents in {[s.name for s in sources]} (the files hold no lines, "
                     f"rows or text records{'; skipped ' + skipped if skipped else ''}); check "
                     "the sources")
-    for name in (s.name for s in sources):
-        stats[f"source.{name}.read"] = counts[name]
+    _check_unique_ids(id_hashes, target)
+    for source in sources:
+        stats[f"source.{source.name}.read"] = counts[source.name]
+    count = read
     if mixing:
+        empty_sources = [s.name for s in sources if not counts[s.name]]
+        if empty_sources:
+            raise _fail(f"source(s) {empty_sources} have no documents, so a mix in the "
+                        "weights' proportions would keep nothing; fix those sources or drop "
+                        "them (or their weights)")
         count = _mix(config, target, out_dir, keys, stats)
         shutil.rmtree(target)
+        if count < read / 10:
+            log.warning("crawl: the weighted mix keeps %d of %d documents read (%s); the "
+                        "scarcest source for its weight limits the mix", count, read,
+                        ", ".join(f"{n}: {stats[f'source.{n}.documents']}/{counts[n]}"
+                                  for n in counts))
     else:
-        for name in counts:
-            stats[f"source.{name}.documents"] = counts[name]
+        for source in sources:
+            stats[f"source.{source.name}.documents"] = counts[source.name]
     seconds = time.perf_counter() - started
     log.info("crawl: read %d documents from %d sources (%s) in %.1fs; %d empty%s",
-             len(origin), len(sources), ", ".join(f"{n}: {c}" for n, c in counts.items()),
+             read, len(sources), ", ".join(f"{n}: {c}" for n, c in counts.items()),
              seconds, empty, f"; mixed by weight to {count}" if mixing else "")
     if stats["undecodable_documents"]:
         log.info("crawl: %d documents had bytes no charset could decode (replaced by U+FFFD)",

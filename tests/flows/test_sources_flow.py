@@ -46,7 +46,7 @@ def test_a_warc_archive_and_a_corpus_mixed_by_weight_through_the_flow(tmp_path):
 
     report = Path(result["data_report"]).read_text()
     assert "## documents per source after each stage" in report
-    assert "| books | 8 |" in report and "| web | 2 |" in report
+    assert "| books | 41 | 8 |" in report and "| web | 2 | 2 |" in report
 
     mlflow.set_tracking_uri(result["tracking_uri"])
     extract_run = mlflow.get_run(stages["extract"]["mlflow_run_id"])

@@ -196,3 +196,91 @@ def test_weighted_sources_are_mixed_deterministically_and_nothing_is_lost(tmp_pa
     assert first["stats"]["source.big.documents"] == per_source["big"]
     assert mix_counts({"a": 100, "b": 100}, {"a": 3, "b": 1}) == {"a": 100, "b": 33}
     assert mix_counts({"a": 41, "b": 2}, {"a": 4, "b": 1}) == {"a": 8, "b": 2}
+
+
+def raw_record(uri: str, block: bytes, *, record_id: str | None = "<urn:uuid:1>",
+               eol: bytes = b"\r\n", kind: str = "response") -> bytes:
+    """One uncompressed WARC record written by hand (for what warcio will not write)."""
+    lines = [b"WARC/1.0", f"WARC-Type: {kind}".encode(), f"WARC-Target-URI: {uri}".encode(),
+             b"WARC-Date: 2026-01-02T03:04:05Z",
+             b"Content-Type: application/http; msgtype=response",
+             f"Content-Length: {len(block)}".encode()]
+    if record_id:
+        lines.insert(2, f"WARC-Record-ID: {record_id}".encode())
+    return eol.join(lines) + eol + eol + block + eol + eol
+
+
+def http(status: bytes, body: bytes, *headers: bytes) -> bytes:
+    return b"\r\n".join([b"HTTP/1.1 " + status, b"Content-Type: text/html", *headers]) + \
+        b"\r\n\r\n" + body
+
+
+def test_odd_and_broken_archives_are_counted_or_named_never_a_traceback(tmp_path):
+    import gzip
+
+    page = b"<html><body><p>" + PROSE.encode() * 3 + b"</p></body></html>"
+    archive = tmp_path / "odd.warc"
+    archive.write_bytes(
+        raw_record("http://e.test/bad-status", http(b"abc", page), record_id="<urn:uuid:a>")
+        + raw_record("http://e.test/no-id-1", http(b"200 OK", page), record_id=None)
+        + raw_record("http://e.test/no-id-2", http(b"200 OK", page), record_id=None)
+        + raw_record("http://e.test/gzipped", http(b"200 OK", gzip.compress(page),
+                                                   b"Content-Encoding: gzip"),
+                     record_id="<urn:uuid:c>")
+        + raw_record("http://e.test/video", b"HTTP/1.1 200 OK\r\nContent-Type: video/mp4\r\n\r\n"
+                     + bytes(300_000), record_id="<urn:uuid:d>")
+        + raw_record("http://e.test/huge", http(b"200 OK", page * 200), record_id="<urn:uuid:e>"))
+    # the same file named twice (a folder and a glob) is read once
+    config = SourceConfig(paths=[str(tmp_path), str(tmp_path / "*.warc")],
+                          max_record_bytes=50_000)
+    result = ingest_local(config, tmp_path / "out")
+    docs = read(tmp_path / "out")
+    assert set(docs) == {f"http://e.test/{p}" for p in ("no-id-1", "no-id-2", "gzipped")}
+    assert docs["http://e.test/gzipped"]["text"] == page.decode()  # stored compressed
+    made = [docs[f"http://e.test/no-id-{n}"]["id"] for n in (1, 2)]
+    assert made[0] != made[1] and all(i.startswith("<urn:forgeline:") for i in made)
+    stats = result["stats"]
+    assert (stats["warc_malformed"], stats["warc_non_text"], stats["warc_too_large"]) == (1, 1, 1)
+    assert stats["input_files"] == 1
+
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "fake.warc.gz").write_bytes(b"this is not an archive\n" * 20)
+    with pytest.raises(StageInputError, match="fake.warc.gz is not a readable WARC/WET file"):
+        ingest_local(SourceConfig(paths=[str(tmp_path / "broken")]), tmp_path / "out2")
+    # header lines ending in LF alone are not WARC: named, after the records before them
+    (tmp_path / "lf.warc").write_bytes(
+        raw_record("http://e.test/ok", http(b"200 OK", page))
+        + raw_record("http://e.test/lf", http(b"200 OK", page), record_id="<urn:uuid:f>",
+                     eol=b"\n"))
+    with pytest.raises(StageInputError, match="lf.warc is not a readable WARC/WET file after 1"):
+        ingest_local(SourceConfig(paths=[str(tmp_path / "lf.warc")]), tmp_path / "out3")
+
+
+def test_a_weighted_source_without_documents_stops_the_run_by_name(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"id": "1", "text": "one"}\n{"id": "2", "text": "two"}\n')
+    (tmp_path / "b.jsonl").write_text("\n")
+    config = SourceConfig(paths=[str(tmp_path / "a.jsonl")], weight=3,
+                          files=[{"name": "empty", "paths": [str(tmp_path / "b.jsonl")],
+                                  "weight": 1}])
+    with pytest.raises(StageInputError, match=r"\['empty'\] have no documents"):
+        ingest_local(config, tmp_path / "out")
+
+
+def test_a_recursive_glob_names_txt_documents_by_their_path_under_the_glob(tmp_path):
+    for folder in ("a", "b/c"):
+        (tmp_path / "docs" / folder).mkdir(parents=True)
+        (tmp_path / "docs" / folder / "README.txt").write_text(f"readme of {folder}")
+    result = ingest_local(SourceConfig(paths=[str(tmp_path / "docs" / "**" / "*.txt")]),
+                          tmp_path / "out")
+    ids = {r["id"] for r in iter_records(tmp_path / "out" / "data")}
+    assert result["count"] == 2 and ids == {"a/README.txt", "b/c/README.txt"}
+
+
+def test_mostly_ascii_legacy_pages_are_not_mangled():
+    french = "Café crème brûlée, garçon! À côté, une crêperie où tout est très bien."
+    for text in (french, "Café crème brûlée, garçon!"):
+        decoded = decode(text.encode("latin-1"), "text/html")
+        assert decoded.text == text and decoded.errors == 0
+    assert decode(b'<meta charset="utf-16"><p>hello</p>', "text/html").text.endswith("hello</p>")
+    polish = "Zażółć gęślą jaźń, to jest polski tekst w kodowaniu windows."
+    assert decode(polish.encode("cp1250"), "").text == polish
