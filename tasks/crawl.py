@@ -49,6 +49,7 @@ from tasks import (
     crawl_report,
     crawl_state,
     crawl_urls,
+    redact,
 )
 from tasks.charset import decode
 from tasks.crawl_config import CrawlConfig, resolve_snapshot
@@ -67,7 +68,7 @@ from tasks.crawl_report import crawl_report_markdown, reason_key
 from tasks.crawl_state import CrawlState
 from tasks.crawl_urls import canonical_url, host_port, origin, url_id
 from tasks.progress import progress
-from tasks.redact import redact_secrets, redact_url
+from tasks.redact import redact_exception, redact_secrets, redact_url
 from tasks.shards import write_text_atomic
 from tasks.stage import StageInputError
 
@@ -79,9 +80,12 @@ __all__ = ["CODE_MODULES", "DOCS_ORIGIN", "CrawlConfig", "canonical_url", "crawl
 
 log = logging.getLogger(__name__)
 
-# The modules besides this one whose code decides what a crawl produces (its cache key).
+# The modules besides this one whose code decides what a crawl produces (its cache key):
+# redact shapes the stored URLs and failures; crawl_http makes the requests (what they
+# send is archived, where they may go decides what is fetched), named by its file so that
+# importing this module (loading a config does) does not import httpx.
 CODE_MODULES = (crawl_archive, crawl_config, crawl_fetch, crawl_guard, crawl_report,
-                crawl_state, crawl_urls)
+                crawl_state, crawl_urls, redact, Path(__file__).with_name("crawl_http.py"))
 STAT_KEYS = ("pages_fetched", "pages_failed", "robots_disallowed", "ssrf_refused",
              "too_large", "non_html", "retries", "bytes", "bytes_downloaded", "requests",
              "redirects", "noindex", "out_of_scope", "undecodable_pages", "resumes")
@@ -94,6 +98,19 @@ def _directives(value: str) -> set[str]:
     return found | {"noindex", "nofollow"} if "none" in found else found
 
 
+def _base_url(url: str, href: str | None) -> str:
+    """What a page's relative links resolve against: its <base href> resolved against its
+    URL, or the URL itself when there is none or it is malformed (``http://[oops/``)."""
+    if not href:
+        return url
+    try:
+        base = urljoin(url, href.strip())
+        urlsplit(base).port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        return url
+    return base
+
+
 def page_links(html: str, url: str, agent: str,
                canonical: Callable[[str, str], str | None] = canonical_url,
                ) -> tuple[list[str], set[str]]:
@@ -104,8 +121,8 @@ def page_links(html: str, url: str, agent: str,
             html.encode("utf-8"), parser=lxml.html.HTMLParser(encoding="utf-8"))
     except (etree.ParserError, ValueError):
         return [], set()
-    base = next((urljoin(url, b.get("href").strip()) for b in doc.iter("base")
-                 if b.get("href")), url)
+    base = _base_url(url, next((b.get("href") for b in doc.iter("base") if b.get("href")),
+                               None))
     directives: set[str] = set()
     for meta in doc.iter("meta"):
         if (meta.get("name") or "").strip().lower() in ("robots", agent):
@@ -180,7 +197,7 @@ class Crawler(Fetcher):
                 await self.page_slots.acquire()
                 kept = False
                 try:
-                    kept = await self._visit(url, depth, seed)
+                    kept = await self._visit_safely(url, depth, seed)
                 finally:
                     if not kept:
                         self.page_slots.release()
@@ -189,25 +206,50 @@ class Crawler(Fetcher):
             finally:
                 self.queue.task_done()
 
-    async def _visit(self, url: str, depth: int, seed: str) -> bool:
-        """Fetch one URL, queue its links, store it; True if a page was stored. Whatever
-        happens is committed to the crawl state in one step, with no await in between."""
+    async def _visit_safely(self, url: str, depth: int, seed: str) -> bool:
+        """Visit one URL and commit what came of it to the crawl state, in one step with no
+        await in between; True if a page was stored. An unexpected error (a bug, a page no
+        code foresaw) becomes a committed failure of that URL rather than the end of the
+        crawl, which a resumed or retried crawl would otherwise meet again at this URL."""
         fetched: list[str] = []  # redirect targets fetched on the way
+        try:
+            outcome = await self._visit(url, depth, seed, fetched)
+        except Exception as exc:  # noqa: BLE001 - one URL's failure, logged with its traceback
+            outcome = {"failure": self._internal_error(url, exc)}
+        self._commit(url, fetched=fetched, **outcome)
+        if "record" not in outcome:
+            return False
+        self.bar.update(1)
+        return True
+
+    def _internal_error(self, url: str, exc: Exception) -> dict:
+        """The failure record of a URL whose visit raised ``exc`` unexpectedly. Only the
+        exception's class is recorded: its message may quote a URL with credentials."""
+        reason = f"internal error ({type(exc).__name__})"
+        log.warning("crawl: %s not kept: %s", redact_url(url), reason,
+                    exc_info=redact_exception(exc))
+        self.stats["pages_failed"] += 1
+        self.stats[reason_key(reason)] += 1
+        self.failures[reason] += 1
+        return {"url": self.stored_url(url), "counted_as": "pages_failed", "reason": reason,
+                "detail": f"{reason} while visiting this URL; the crawl log has the traceback"}
+
+    async def _visit(self, url: str, depth: int, seed: str, fetched: list[str]) -> dict:
+        """Fetch one URL, archive the response, queue its links: what to commit for it (a
+        ``record`` when a page is stored, else maybe a ``failure``). ``fetched`` gets the
+        redirect targets fetched on the way. The frontier and the counters change only
+        once nothing can fail any more."""
         try:
             response = await self._fetch(url, depth, fetched)
         except Skipped as skip:
             self.stats[skip.stat] += 1
             self.stats[reason_key(skip.reason)] += 1
             self.failures[skip.reason] += 1
-            failure = {"url": self.stored_url(url), "counted_as": skip.stat,
-                       "reason": skip.reason, "detail": redact_secrets(skip.detail)}
             log.debug("crawl: %s not kept: %s", redact_url(url), redact_secrets(skip.detail))
-            self._commit(url, failure=failure, fetched=fetched)
-            return False
+            return {"failure": {"url": self.stored_url(url), "counted_as": skip.stat,
+                                "reason": skip.reason, "detail": redact_secrets(skip.detail)}}
         content_type = response.headers.get("content-type", "")
         decoded = decode(response.body, content_type)
-        if decoded.errors:
-            self.stats["undecodable_pages"] += 1
         links, directives = [], set()
         if TEXT_TYPES[media_type(content_type)]:
             links, directives = page_links(decoded.text, response.url, self.agent,
@@ -215,26 +257,28 @@ class Crawler(Fetcher):
         directives = directives.union(*map(_directives, response.headers.get_list("x-robots-tag")))
         if not self.config.respect_robots:
             directives = set()
+        record = None
+        if "noindex" in directives:
+            self._archive(response)
+        else:
+            stored = self.stored_url(response.url)
+            record = {"id": url_id(stored), "url": stored, "text": decoded.text,
+                      "content_type": content_type, "status": response.status,
+                      "fetched_at": response.fetched_at.isoformat(timespec="seconds"),
+                      "depth": depth, "seed": self.stored_url(seed)}
+            self._archive(response, stored=True)
         queued, skipped = [], []
         if "nofollow" not in directives and depth < self.config.max_depth:
             queued, skipped = self._enqueue(links, depth + 1, seed)
-        if "noindex" in directives:
+        if decoded.errors:
+            self.stats["undecodable_pages"] += 1
+        if record is None:
             self.stats["noindex"] += 1
-            self._archive(response)
-            self._commit(url, queued=queued, skipped=skipped, fetched=fetched)
-            return False
-        stored = self.stored_url(response.url)
-        record = {"id": url_id(stored), "url": stored, "text": decoded.text,
-                  "content_type": content_type, "status": response.status,
-                  "fetched_at": response.fetched_at.isoformat(timespec="seconds"),
-                  "depth": depth, "seed": self.stored_url(seed)}
-        self._archive(response, stored=True)
+            return {"queued": queued, "skipped": skipped}
         self.kept += 1
         self.stats["pages_fetched"] += 1
         self.stats["bytes"] += len(response.body)
-        self._commit(url, record=record, queued=queued, skipped=skipped, fetched=fetched)
-        self.bar.update(1)
-        return True
+        return {"record": record, "queued": queued, "skipped": skipped}
 
     def seconds(self) -> float:
         """Time spent crawling, over every run of an interrupted crawl."""
@@ -347,8 +391,9 @@ def crawl(config: CrawlConfig, out_dir: Path, seeds: list[str] | None = None,
                                sort_query=config.sort_query) for s in seeds]
     if None in canonical:
         bad = shown[canonical.index(None)]
-        raise StageInputError("crawl", f"seed {bad!r} is not an http(s) URL; give full URLs "
-                                       "such as https://example.org/")
+        raise StageInputError("crawl", f"seed {bad!r} is not an http(s) URL with a valid "
+                                       "host name; give full URLs such as "
+                                       "https://example.org/")
     canonical = list(dict.fromkeys(canonical))
     out_dir = Path(out_dir)
     save_url = load_url = str

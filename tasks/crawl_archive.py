@@ -15,9 +15,12 @@ prefix (``X-Crawler-Content-Encoding: gzip``, ``X-Crawler-Content-Length: 812``)
 ``Content-Length`` gives the archived body's length, so any WARC reader (warcio,
 fastwarc) reads the body as is. A body the crawler did not download (a redirect, an
 error status, a non-text type) or cut at ``crawl.max_bytes`` is marked
-``WARC-Truncated: length`` (cut) or ``unspecified`` (not read). A file is continued
-until it passes ``max_file_bytes``; ``position()`` says where the last record ends, so an
-interrupted crawl can cut off a record that a kill left half written and go on.
+``WARC-Truncated: length`` (cut) or ``unspecified`` (not read); its headers are moved
+the same way (``Content-Length`` then gives what was archived: the cut part, or 0). A
+file is continued until it passes ``max_file_bytes``; ``position()`` says where the last
+record ends, so an interrupted crawl can cut off a record that a kill left half written
+and go on; a crawl killed before it saved any position starts its archive afresh. A
+record that fails to write is cut off at once.
 
 warcio is imported when an archive is opened, not when the config is loaded.
 """
@@ -56,11 +59,12 @@ def warc_date(moment: datetime) -> str:
 
 def archived_headers(headers: list[tuple[str, str]], body_length: int,
                      truncated: str) -> list[tuple[str, str]]:
-    """The response headers to archive beside a decoded body (see the module docstring)."""
+    """The response headers to archive beside a decoded body (see the module docstring),
+    whole, cut or not read (``truncated``): a reader must never try to decode it again."""
     encoded = any(name.lower() in ("content-encoding", "transfer-encoding")
                   for name, _ in headers)
     lengths = [value for name, value in headers if name.lower() == "content-length"]
-    if truncated or (not encoded and lengths == [str(body_length)]):
+    if not encoded and lengths == [str(body_length)]:
         return list(headers)
     kept = [(f"X-Crawler-{name}" if name.lower() in ENCODING_HEADERS else name, value)
             for name, value in headers]
@@ -73,24 +77,36 @@ class WarcArchive:
     def __init__(self, directory: str | Path, prefix: str,
                  position: tuple[str, int] | None = None,
                  max_file_bytes: int = WARC_FILE_BYTES, software: str = "forgeline"):
+        """``position`` (from ``position()``, saved with the crawl's progress): go on from
+        there, cutting off what was written after it. None: start the series afresh, so
+        whatever a crawl killed before its first commit left (maybe a half-written record)
+        is removed."""
         from warcio.warcwriter import WARCWriter
 
         self._writer_class = WARCWriter
         self.directory, self.prefix = Path(directory), prefix
         self.max_file_bytes, self.software = max_file_bytes, software
         self.directory.mkdir(parents=True, exist_ok=True)
-        index = 0
+        index, offset = 0, 0
         if position is not None:
             name, offset = position
-            index = int(re.fullmatch(rf"{re.escape(prefix)}-(\d+)\.warc\.gz", name).group(1))
-            with open(self.directory / name, "ab") as partial:
-                partial.truncate(offset)  # the end of the last record the crawl committed
-        for later in self.files()[index + 1:]:
-            later.unlink()
+            index = self._index(name)
+            if index is None:
+                raise ValueError(f"{name!r} is not a file of the {prefix!r} WARC series")
+        for later in self.files():
+            if (self._index(later.name) or 0) > index:
+                later.unlink()
+        with open(self.directory / f"{prefix}-{index:05d}.warc.gz", "ab") as partial:
+            partial.truncate(offset)  # the end of the last record the crawl committed
         self._open(index)
 
     def files(self) -> list[Path]:
         return sorted(self.directory.glob(f"{self.prefix}-*.warc.gz"))
+
+    def _index(self, name: str) -> int | None:
+        """The number of this series' file ``name`` (None for another file)."""
+        match = re.fullmatch(rf"{re.escape(self.prefix)}-(\d+)\.warc\.gz", name)
+        return int(match.group(1)) if match else None
 
     def _open(self, index: int) -> None:
         self.index = index
@@ -121,8 +137,14 @@ class WarcArchive:
             exchange.url, "request", payload=io.BytesIO(b""), warc_headers_dict={"WARC-Date": date},
             http_headers=StatusAndHeaders(exchange.request_line, exchange.request_headers,
                                           is_http_request=True))
-        self.writer.write_request_response_pair(request, response)
-        self.file.flush()
+        start = self.file.tell()
+        try:
+            self.writer.write_request_response_pair(request, response)
+            self.file.flush()
+        except BaseException:
+            self.file.truncate(start)  # no half-written record before the next one
+            self.file.seek(start)  # and position() says so
+            raise
         if self.file.tell() >= self.max_file_bytes:
             self.file.close()
             self._open(self.index + 1)

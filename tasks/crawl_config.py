@@ -106,7 +106,8 @@ class CrawlConfig(BaseModel):
     def _http_seeds(cls, seeds: list[str]) -> list[str]:
         for seed in seeds:
             if canonical_url(seed) is None:
-                raise ValueError(f"seed {redact_url(seed)!r} is not an http(s) URL with a host")
+                raise ValueError(f"seed {redact_url(seed)!r} is not an http(s) URL with a "
+                                 "valid host name (IDNA 2008 for international names)")
         # The crawler never sends a seed's user:password (canonical_url drops it), so it is
         # masked here, before the config reaches logs, MLflow params or Prefect parameters.
         return [redact_url(seed) for seed in seeds]

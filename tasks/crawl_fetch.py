@@ -3,10 +3,11 @@ retries, size caps and the WARC archive of every response.
 
 ``Fetcher`` is the part of the crawler that knows hosts, not pages: ``tasks.crawl``'s
 ``Crawler`` builds the frontier on top of it. Before the first request to a host its
-name is resolved (by the injectable ``resolver``) and checked by ``crawl_guard``; the
-addresses that pass are the only ones ``crawl_http`` connects to. Then its robots.txt is
-fetched once (following up to five redirects, each checked the same way) and parsed as
-RFC 9309 says, with protego.
+name is resolved (by the injectable ``resolver``; a failed lookup is retried as a request
+is, and tried again for a later URL once ``DNS_FAILURE_SECONDS`` old) and checked by
+``crawl_guard``; the addresses that pass are the only ones ``crawl_http`` connects to.
+Then its robots.txt is fetched once (following up to five redirects, each checked the
+same way) and parsed as RFC 9309 says, with protego.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ REDIRECT_STATUSES = {301, 302, 303, 307, 308}
 MAX_REDIRECTS = 5
 ROBOTS_MAX_BYTES = 512_000  # what Google reads of a robots.txt (RFC 9309 asks >= 500 KiB)
 ARCHIVES = ("crawl", "crawldiagnostics")  # stored pages; every other response
+# A host whose lookup failed (after its retries) fails at once for this long; then the
+# next URL of that host looks it up again, so an outage does not lose it for the crawl.
+DNS_FAILURE_SECONDS = 60.0
 
 
 def media_type(content_type: str) -> str:
@@ -100,6 +104,7 @@ class Fetcher:
         self.stats: Counter[str] = Counter()
         self.hosts: dict[str, Host] = {}
         self.address_checks: dict[tuple[str, int], asyncio.Task] = {}
+        self.failed_lookups: dict[tuple[str, int], float] = {}  # -> when (time.monotonic())
         self.checked: dict[tuple[str, int], list[str]] = {}  # what crawl_http connects to
         self.client: httpx.AsyncClient | None = None  # set while the crawl runs
 
@@ -142,10 +147,14 @@ class Fetcher:
         return host
 
     async def _check_address(self, url: str) -> None:
-        """Skipped unless the SSRF guard allows ``url``'s host; resolved once per host."""
+        """Skipped unless the SSRF guard allows ``url``'s host; resolved once per host,
+        or again once a failed lookup is ``DNS_FAILURE_SECONDS`` old."""
         key = host_port(url)
         check = self.address_checks.get(key)
-        if check is None:
+        failed_at = self.failed_lookups.get(key)
+        if check is None or (failed_at is not None
+                             and time.monotonic() - failed_at >= DNS_FAILURE_SECONDS):
+            self.failed_lookups.pop(key, None)
             check = self.address_checks[key] = asyncio.create_task(self._resolve_and_check(*key))
         refusal = await check
         if refusal:
@@ -158,19 +167,42 @@ class Fetcher:
         if literal:
             addresses = [literal]
         else:
-            try:
-                addresses = await asyncio.get_running_loop().run_in_executor(
-                    None, self.resolver, host, port)
-            except (OSError, ValueError) as exc:
-                return "pages_failed", "DNS lookup failed", f"{host}: {exc}"
+            addresses, problem = await self._lookup(host, port)
             if not addresses:
-                return "pages_failed", "DNS lookup failed", f"{host}: no address"
+                self.failed_lookups[(host, port)] = time.monotonic()
+                return "pages_failed", "DNS lookup failed", f"{host}: {problem}"
         refusal = self.policy.refusal(host, port, addresses)
         if refusal:
             log.info("crawl: refusing %s:%d: %s", host, port, refusal[1])
             return ("ssrf_refused", *refusal)
         self.checked[(host, port)] = list(addresses)
         return None
+
+    async def _lookup(self, host: str, port: int) -> tuple[list[str], str]:
+        """The addresses of ``host``, and ``""``; or ``[]`` and why not. A failed or timed
+        out lookup is tried again as a request is (``retries``, with backoff); a name no
+        lookup can take (ValueError) is not."""
+        loop = asyncio.get_running_loop()
+        for attempt in range(self.config.retries + 1):
+            try:
+                addresses = await asyncio.wait_for(
+                    loop.run_in_executor(None, self.resolver, host, port),
+                    self.config.timeout_seconds)
+            except ValueError as exc:
+                return [], str(exc)
+            except (OSError, asyncio.TimeoutError) as exc:  # socket.gaierror, timeouts
+                problem = str(exc) or f"no answer within {self.config.timeout_seconds}s"
+            else:
+                if addresses:
+                    return list(addresses), ""
+                problem = "no address"
+            if attempt < self.config.retries:
+                self.stats["retries"] += 1
+                wait = self._retry_wait(attempt, None)
+                log.debug("crawl: looking up %s failed (%s), retrying in %.2fs", host,
+                          problem, wait)
+                await asyncio.sleep(wait)
+        return [], problem
 
     async def _load_robots(self, origin_url: str, host: Host) -> tuple[Protego | None, str]:
         """RFC 9309 as Google applies it: 2xx rules apply, other 4xx (and more than five

@@ -4,10 +4,10 @@ A crawler follows links that strangers wrote, so a page (or a redirect) can poin
 ``http://169.254.169.254/`` (a cloud's metadata service), ``http://localhost:6379/`` or a
 printer on the office network. Before any connection, the crawler resolves the host and
 refuses it when one of its addresses is not a public one: private, loopback, link-local,
-shared (carrier NAT), multicast, reserved or unspecified (IPv4 addresses inside IPv6 ones
-are judged as IPv4). The HTTP client then connects only to the addresses checked here
-(``tasks.crawl_http``), so a DNS answer that changes between the check and the connection
-cannot slip a private address in.
+IPv6 site-local, shared (carrier NAT), multicast, reserved or unspecified (IPv4 addresses
+inside IPv6 ones are judged as IPv4). The HTTP client then connects only to the addresses
+checked here (``tasks.crawl_http``), so a DNS answer that changes between the check and
+the connection cannot slip a private address in.
 
 ``crawl.allowed_private_hosts`` lifts the refusal: a host name (``localhost``,
 ``intranet.example``) allows that name as written in URLs, whatever it resolves to; an
@@ -85,6 +85,10 @@ def address_problem(address: IPAddress) -> str | None:
             return problem.replace("_", "-")
     if isinstance(address, ipaddress.IPv4Address) and address in _SHARED:
         return "shared (carrier NAT)"
+    # fec0::/10: deprecated (RFC 3879) but still routed inside some networks, and neither
+    # private nor reserved to the standard library
+    if isinstance(address, ipaddress.IPv6Address) and address.is_site_local:
+        return "site-local"
     if address.is_private:
         return "private"
     if not address.is_global:

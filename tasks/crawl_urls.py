@@ -4,9 +4,9 @@ Two links that reach the same page must be fetched and stored once, so every URL
 crawler sees (seeds, links, redirect targets) goes through ``canonical_url``:
 
 - resolved against the page it was found on; scheme and host lower-cased, the host in
-  its ASCII (IDNA) form without a trailing dot; the scheme's default port, user
-  information and fragment dropped; ``.``/``..`` path segments resolved; an empty path
-  becomes ``/``;
+  its ASCII form (IDNA 2008, as httpx encodes it; a name IDNA 2008 rejects is refused)
+  without a trailing dot; the scheme's default port, user information and fragment
+  dropped; ``.``/``..`` path segments resolved; an empty path becomes ``/``;
 - percent-escapes normalized (``%7e`` -> ``~``, ``%2f`` -> ``%2F``), unsafe characters
   escaped, a ``;jsessionid=...`` path parameter dropped;
 - query parameters that only track a visit (``utm_*``, ``fbclid``, ``gclid``, ...: the
@@ -19,7 +19,8 @@ tracker pattern also strips parameters that select content (``ref``, ``source``,
 keeps ``user:password@`` and the fragment, and does not remove ``:80`` from an IPv6 host;
 its strict mode drops every parameter outside a short list (pydoc's ``?key=`` among them).
 
-Standard library only: the config imports this module.
+Standard library only, but for ``idna`` (installed with httpx), imported when a host
+name is not ASCII: the config imports this module.
 """
 
 from __future__ import annotations
@@ -113,12 +114,24 @@ def _ascii_host(host: str) -> str | None:
     if ":" in host:  # IPv6 literal (urlsplit has checked the brackets)
         return host
     if not host.isascii():
-        try:
-            host = host.encode("idna").decode("ascii")
-        except UnicodeError:
+        host = idna_host(host)
+        if host is None:
             return None
     host = host.lower()
     return host if _HOST_NAME.fullmatch(host) else None
+
+
+def idna_host(host: str) -> str | None:
+    """An internationalized host name in ASCII as IDNA 2008 (with the UTS #46 mapping:
+    case, full-width forms) encodes it, the way httpx does, or None when IDNA 2008 has
+    no such name. Not the standard library's IDNA 2003 codec: it maps ``faß.de`` to
+    ``fass.de``, another domain, and lets characters through that IDNA 2008 forbids."""
+    import idna  # installed with httpx; imported only when a URL needs it
+
+    try:
+        return idna.encode(host, uts46=True).decode("ascii")
+    except (idna.IDNAError, UnicodeError, ValueError):
+        return None
 
 
 def canonical_url(url: str, base: str | None = None, *,

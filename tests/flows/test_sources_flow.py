@@ -70,3 +70,34 @@ def test_the_crawl_mixed_in_with_a_corpus_as_the_source_named_crawl(tmp_path):
     assert pages and all(r["url"].startswith("http://pydoc.localhost/") for r in pages)
     assert all("<html" not in r["text"].lower() for r in pages)  # the HTML was extracted
     assert {r["source"] for r in extracted} == {"crawl", "local"}
+
+
+def test_a_crawl_rerun_from_its_own_warc_archive_with_no_server(tmp_path):
+    """Crawl a loopback site through the flow, stop the site, then run again from the
+    crawl's WARC archive: the same documents come out of extraction."""
+    from tests.tasks.test_crawl import LOOPBACK, Site
+    from tests.tasks.test_warc_roundtrip import ARTICLE, PROSE
+
+    site = Site()
+    links = "".join(f"<a href='/story/{n}'>story {n}</a> " for n in range(4))
+    site.routes["/"] = (200, {"Content-Type": "text/html"},
+                        ARTICLE.format(title="Front", links=links, body=PROSE * 2))
+    for n in range(4):
+        site.routes[f"/story/{n}"] = (200, {"Content-Type": "text/html; charset=utf-8"},
+                                      ARTICLE.format(title=f"Story {n}", links="",
+                                                     body=f"Story {n}. " + PROSE * 3))
+    try:
+        crawled = pipeline(config=load_config(TINY_CONFIG, [
+            f"crawl.seeds=[{site.url}]", f"crawl.allowed_private_hosts={json.dumps(LOOPBACK)}",
+            "crawl.delay_seconds=0"]), workdir=str(tmp_path / "live"), until="extract")
+    finally:
+        site.close()
+    archive = Path(crawled["stages"]["crawl"]["output"]).parent / "archive"
+    again = pipeline(config=load_config(TINY_CONFIG, [
+        f"source.paths=[{archive}/crawl-*.warc.gz]"]), workdir=str(tmp_path / "offline"),
+        until="extract")
+
+    def texts(result):
+        return {r["url"]: r["text"] for r in iter_records(result["stages"]["extract"]["output"])}
+
+    assert len(texts(crawled)) == 5 and texts(again) == texts(crawled)

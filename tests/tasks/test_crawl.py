@@ -357,3 +357,69 @@ def test_seed_credentials_are_masked_in_the_config_and_in_errors(tmp_path, caplo
               seeds=[with_credentials(closed.url)])
     assert SECRET not in str(error.value) and "***@127.0.0.1" in str(error.value)
     assert SECRET not in caplog.text
+
+
+def test_a_malformed_base_href_falls_back_to_the_page_url():
+    from tasks.crawl import page_links
+
+    html = '<html><head><base href="http://[oops/"></head><body><a href="a">a</a></body></html>'
+    links, _ = page_links(html, "http://h/dir/page", "forgeline")
+    assert links == ["http://h/dir/a"]
+
+
+def test_a_page_with_a_malformed_base_href_does_not_stop_the_crawl(tmp_path, site):
+    html = ('<html><head><base href="http://[oops/"></head><body>'
+            '<a href="/a">a</a> <a href="/b">b</a></body></html>')
+    site.routes["/"] = (200, {}, html)
+    site.page("/a")
+    site.page("/b")
+    result, pages = run(tmp_path, [site.url])
+    assert set(pages) == {site.url, site.url + "a", site.url + "b"}
+    assert result["count"] == 3
+
+
+def test_an_unexpected_error_on_one_page_is_a_committed_failure_not_the_end(
+        tmp_path, site, monkeypatch, caplog):
+    import tasks.crawl
+
+    site.page("/", "/a", "/bad", "/b")
+    site.page("/a")
+    site.page("/b")
+    site.page("/bad", "/c")
+    site.page("/c")
+    real_decode = tasks.crawl.decode
+
+    def decode(body, content_type):
+        if b"page /bad" in body:  # a bug that only this page meets, quoting a secret
+            raise KeyError(f"http://crawler:{SECRET}@127.0.0.1/ no such key")
+        return real_decode(body, content_type)
+
+    monkeypatch.setattr(tasks.crawl, "decode", decode)
+    caplog.set_level(logging.DEBUG, logger="tasks.crawl")
+    result, pages = run(tmp_path, [site.url])
+    assert set(pages) == {site.url + p for p in ("", "a", "b")}  # the others are kept
+    out = tmp_path / "out"
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert failures == [{"url": site.url + "bad", "counted_as": "pages_failed",
+                         "reason": "internal error (KeyError)",
+                         "detail": "internal error (KeyError) while visiting this URL; "
+                                   "the crawl log has the traceback"}]
+    assert result["stats"]["pages_failed"] == 1
+    assert result["stats"]["failed_internal_error_keyerror"] == 1
+    assert "KeyError" in caplog.text and SECRET not in caplog.text
+    assert SECRET not in (out / "failures.jsonl").read_text()
+    # committed: a rerun into the directory gives the finished crawl, fetching nothing
+    before = len(site.requests)
+    monkeypatch.setattr(tasks.crawl, "decode", real_decode)
+    again, _ = run(tmp_path, [site.url])
+    assert again == result and len(site.requests) == before
+
+
+def test_the_crawl_cache_key_covers_every_module_that_shapes_its_output():
+    from pathlib import Path
+
+    import tasks.crawl
+
+    files = {Path(getattr(m, "__file__", m)).name for m in tasks.crawl.CODE_MODULES}
+    crawl_modules = {p.name for p in Path(tasks.crawl.__file__).parent.glob("crawl_*.py")}
+    assert crawl_modules | {"redact.py"} <= files  # crawl_http.py among them

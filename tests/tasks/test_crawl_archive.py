@@ -138,3 +138,73 @@ def test_archive_files_roll_over_at_the_size_limit(tmp_path):
                                [], b"x", truncated=""))
     archive.close()
     assert [p.name for p in archive.files()] == [f"crawl-0000{n}.warc.gz" for n in range(4)]
+
+
+def test_cut_and_unread_bodies_are_archived_without_their_encoding_headers(tmp_path, site):
+    page = b"<html><body>" + b"compressible words " * 2000 + b"</body></html>"
+    site.page("/", "/big", "/missing")
+    site.routes["/big"] = (200, {"Content-Encoding": "gzip"}, gzip.compress(page))
+    missing = gzip.compress(b"not here")
+    site.routes["/missing"] = (404, {"Content-Encoding": "gzip",
+                                     "Content-Length": str(len(missing))}, missing)
+    run(tmp_path, [site.url], max_bytes=10_000)
+    others = read_warcs(sorted((tmp_path / "out" / "archive").glob("crawldiagnostics-*")))
+    responses = {uri.removeprefix(site.url): (warc, http, body)
+                 for kind, uri, warc, _, http, body in others if kind == "response"}
+    warc, http, body = responses["big"]  # cut at max_bytes, after decoding
+    assert warc.get_header("WARC-Truncated") == "length"
+    assert body == page[:10_000]  # content_stream() does not try to gunzip it again
+    assert http.get_header("Content-Encoding") is None
+    assert http.get_header("X-Crawler-Content-Encoding") == "gzip"
+    assert http.get_header("Content-Length") == "10000"
+    warc, http, body = responses["missing"]  # not read at all
+    assert warc.get_header("WARC-Truncated") == "unspecified" and body == b""
+    assert http.get_header("Content-Encoding") is None
+    assert http.get_header("X-Crawler-Content-Encoding") == "gzip"
+    assert http.get_header("X-Crawler-Content-Length") == str(len(missing))
+    assert http.get_header("Content-Length") == "0"
+
+
+def test_a_resume_without_a_saved_position_starts_the_archive_afresh(tmp_path):
+    def exchange(n: int) -> Exchange:
+        return Exchange(f"http://h/{n}", f"GET /{n} HTTP/1.1", [("Host", "h")], "HTTP/1.1",
+                        200, "OK", [("Content-Type", "text/plain")], f"page {n}".encode(),
+                        truncated="")
+
+    killed = WarcArchive(tmp_path, "crawl", max_file_bytes=1)  # killed before any commit
+    killed.write(exchange(1))
+    killed.write(exchange(2))
+    killed.close()
+    with open(killed.files()[-1], "ab") as file:
+        file.truncate(file.tell() - 10)  # a half-written record
+    resumed = WarcArchive(tmp_path, "crawl", None)
+    resumed.write(exchange(3))
+    resumed.close()
+    assert [p.name for p in resumed.files()] == ["crawl-00000.warc.gz"]
+    records = read_warcs(resumed.files())
+    assert sorted(kind for kind, *_ in records) == ["request", "response", "warcinfo"]
+    assert [body for kind, *_, body in records if kind == "response"] == [b"page 3"]
+
+
+def test_a_record_that_fails_to_write_leaves_no_partial_bytes(tmp_path, monkeypatch):
+    archive = WarcArchive(tmp_path, "crawl")
+    ok = Exchange("http://h/1", "GET /1 HTTP/1.1", [], "HTTP/1.1", 200, "OK", [], b"one",
+                  truncated="")
+    archive.write(ok)
+    real = archive.writer.write_request_response_pair
+
+    def failing(request, response, *args, **kwargs):
+        archive.file.write(b"\x1f\x8b half a record")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(archive.writer, "write_request_response_pair", failing)
+    before = archive.position()
+    with pytest.raises(OSError, match="disk full"):
+        archive.write(ok)
+    assert archive.position() == before == (before[0], (tmp_path / before[0]).stat().st_size)
+    monkeypatch.setattr(archive.writer, "write_request_response_pair", real)
+    archive.write(Exchange("http://h/2", "GET /2 HTTP/1.1", [], "HTTP/1.1", 200, "OK", [],
+                           b"two", truncated=""))
+    archive.close()
+    bodies = [body for kind, *_, body in read_warcs(archive.files()) if kind == "response"]
+    assert bodies == [b"one", b"two"]

@@ -9,6 +9,7 @@ send a packet beyond loopback.
 import ipaddress
 import json
 import socket
+import time
 from contextlib import contextmanager
 
 import httpcore
@@ -183,6 +184,7 @@ def test_the_embedded_docs_crawl_allows_its_own_server_and_nothing_else(
     ("224.0.0.1", "multicast"), ("100.64.0.1", "shared (carrier NAT)"),
     ("240.0.0.1", "reserved"), ("::ffff:127.0.0.1", "loopback"),
     ("2002:7f00:1::", "loopback"),  # 6to4 around 127.0.0.1
+    ("fec0::1", "site-local"), ("feff::1", "site-local"),  # deprecated, still routed inside
     ("8.8.8.8", None), ("2606:4700::1111", None),
 ])
 def test_address_kinds(address, problem):
@@ -208,3 +210,56 @@ def test_invalid_allowances_are_rejected_with_a_clear_message(entry):
     assert any(word in str(error.value) for word in ("host name", "port", "CIDR"))
     with pytest.raises(ValueError):
         parse_allowance(entry)
+
+
+def test_a_site_local_address_is_refused(tmp_path, site, connections):
+    site.page("/", "http://old-intranet.test/", "http://[fec0::5]/")
+    _, pages, failures = crawl_site(
+        tmp_path, [site.url], fake_dns({"old-intranet.test": ["fec0::1:2"]}), same_host=False,
+        allowed_private_hosts=[f"127.0.0.1:{port_of(site)}"])
+    assert set(pages) == {site.url}
+    assert [f["reason"] for f in failures] == ["site-local address"] * 2
+    assert {address for address, _ in connections} == {"127.0.0.1"}
+
+
+def flaky_dns(names: dict[str, list[str]], failures: int, asked: list):
+    """A resolver whose first ``failures`` lookups of each name fail, as during a DNS
+    outage; then it answers from ``names``."""
+    def resolve(host: str, port: int) -> list[str]:
+        asked.append(host)
+        if asked.count(host) <= failures:
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return names[host]
+    return resolve
+
+
+def test_a_failed_dns_lookup_is_retried_as_requests_are(tmp_path, site, connections):
+    site.page("/")
+    url = f"http://flaky.test:{port_of(site)}/"
+    asked = []
+    result, pages, _ = crawl_site(tmp_path, [url],
+                                  flaky_dns({"flaky.test": ["127.0.0.1"]}, 2, asked),
+                                  retries=2, allowed_private_hosts=["flaky.test"])
+    assert set(pages) == {url} and asked == ["flaky.test"] * 3
+    assert result["stats"]["retries"] == 2
+
+
+def test_a_failed_dns_lookup_is_not_remembered_for_the_whole_crawl(tmp_path, site, connections,
+                                                                   monkeypatch):
+    import tasks.crawl_fetch
+
+    monkeypatch.setattr(tasks.crawl_fetch, "DNS_FAILURE_SECONDS", 0.0)
+    port = port_of(site)
+    site.page("/", f"http://flaky.test:{port}/a", "/slow")
+    later_link = f"<a href='http://flaky.test:{port}/b'>b</a>"
+    site.routes["/slow"] = lambda n: (time.sleep(0.3), (200, {}, later_link))[1]
+    site.page("/a")
+    site.page("/b")
+    asked = []
+    _, pages, failures = crawl_site(
+        tmp_path, [site.url], flaky_dns({"flaky.test": ["127.0.0.1"]}, 1, asked),
+        same_host=False, allowed_private_hosts=["127.0.0.1", "flaky.test"])
+    # /a met the outage (no retries here); /b, found later, gets a fresh lookup
+    assert [f["reason"] for f in failures] == ["DNS lookup failed"]
+    assert failures[0]["url"] == f"http://flaky.test:{port}/a"
+    assert f"http://flaky.test:{port}/b" in pages and asked == ["flaky.test"] * 2

@@ -1,5 +1,6 @@
 """One page, one fetch: URL canonicalization, and robots.txt read as RFC 9309 says."""
 
+from urllib.parse import urlsplit
 from urllib.robotparser import RobotFileParser
 
 import pytest
@@ -120,3 +121,30 @@ def test_robots_txt_redirects_are_followed_and_checked_by_the_ssrf_guard(tmp_pat
     finally:
         other.close()
 
+
+
+@pytest.mark.parametrize(("url", "canonical"), [
+    # IDNA 2008 (as httpx encodes host names), not the standard library's IDNA 2003,
+    # which maps 'ß' to 'ss': faß.de and fass.de are different domains
+    ("http://faß.de/", "http://xn--fa-hia.de/"),
+    ("http://BÜCHER.example/", "http://xn--bcher-kva.example/"),  # UTS #46 mapping
+    ("http://ｅｘａｍｐｌｅ.org/", "http://example.org/"),  # full-width letters mapped
+])
+def test_international_host_names_are_encoded_as_httpx_encodes_them(url, canonical):
+    import httpx
+
+    assert canonical_url(url) == canonical
+    assert httpx.URL(canonical).raw_host.decode() == urlsplit(canonical).hostname
+    if "ｅ" not in url:  # httpx itself does not map full-width letters
+        assert httpx.URL(url).raw_host.decode() == urlsplit(canonical).hostname
+
+
+def test_host_names_that_idna_2008_rejects_are_refused():
+    for bad in ("http://a\u200db.example/", "http://xn--a.example.ü/", "http://\u2764.example/"):
+        assert canonical_url(bad) is None, bad
+    from pydantic import ValidationError
+
+    from tasks.crawl import CrawlConfig
+
+    with pytest.raises(ValidationError, match="valid host name"):
+        CrawlConfig(seeds=["http://\u2764.example/"])
