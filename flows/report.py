@@ -44,7 +44,8 @@ def _source_mix(stages: dict[str, dict]) -> list[str]:
     read = shown.get("crawl", {})
     lines = ["", "## documents per source after each stage", "",
              ("Documents read, then kept after each stage (and words, counted on "
-              "whitespace, from extract on; tokens at tokenize)."), "",
+              "whitespace, from extract on). Tokens per source are the tokenize stage's "
+              "MLflow metrics source.<name>.tokens."), "",
              "| source | read | " + " | ".join(shown) + " |", "|---|---:|" + "---:|" * len(shown)]
     for source in sources:
         documents_read = read.get(f"source.{source}.read")
