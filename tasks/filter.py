@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tasks import c4_rules, fineweb_rules, harmful_content, language
 from tasks.c4_rules import C4Config, clean_c4
-from tasks.fineweb_rules import FineWebConfig, check_fineweb
+from tasks.fineweb_rules import FineWebConfig, check_fineweb, duplicate_share
 from tasks.harmful_content import (
     Blocklists,
     HarmfulContentConfig,
@@ -208,19 +208,6 @@ def lines(text: str) -> tuple[str, ...]:
 @lru_cache(maxsize=4)
 def paragraphs(text: str) -> tuple[str, ...]:
     return tuple(p for p in (p.strip() for p in _PARAGRAPH_BREAK.split(text)) if p)
-
-
-def duplicate_share(items: Sequence[str]) -> tuple[float, int]:
-    """(fraction of items that repeat an earlier item, characters in those repeats)."""
-    seen: set[str] = set()
-    count = chars = 0
-    for item in items:
-        if item in seen:
-            count += 1
-            chars += len(item)
-        else:
-            seen.add(item)
-    return (count / len(items) if items else 0.0), chars
 
 
 def ngrams(tokens: Sequence[str], n: int) -> list[str]:

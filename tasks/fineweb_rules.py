@@ -22,6 +22,7 @@ description.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from functools import lru_cache
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -74,16 +75,18 @@ def token_count(text: str) -> int:
     return sum(1 for _ in _TOKEN.finditer(text))
 
 
-def duplicate_line_chars(lines: list[str]) -> int:
-    """Characters in lines that repeat an earlier line."""
+def duplicate_share(items: Sequence[str]) -> tuple[float, int]:
+    """(fraction of items that repeat an earlier item, characters in those repeats): the
+    Gopher repetition rules' measure (tasks.filter) and FineWeb's duplicated-line chars."""
     seen: set[str] = set()
-    chars = 0
-    for line in lines:
-        if line in seen:
-            chars += len(line)
+    count = chars = 0
+    for item in items:
+        if item in seen:
+            count += 1
+            chars += len(item)
         else:
-            seen.add(line)
-    return chars
+            seen.add(item)
+    return (count / len(items) if items else 0.0), chars
 
 
 def check_fineweb(text: str, config: FineWebConfig) -> str | None:
@@ -96,7 +99,7 @@ def check_fineweb(text: str, config: FineWebConfig) -> str | None:
     if short >= config.max_short_line_ratio:
         return "fineweb_short_line_ratio"
     chars = len(text) - (len(lines) - 1)  # without the newlines
-    repeated = duplicate_line_chars([line for line in lines if line.strip()])
+    _, repeated = duplicate_share([line for line in lines if line.strip()])
     if chars and repeated / chars >= config.max_char_dup_ratio:
         return "fineweb_char_dup_ratio"
     tokens = token_count(text)

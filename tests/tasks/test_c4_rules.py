@@ -5,14 +5,9 @@ from __future__ import annotations
 import pytest
 
 from tasks.c4_rules import C4Config, clean_c4, count_sentences
+from tests.tasks.test_filter import SENTENCES
 
-PROSE = [
-    "The parser reads the configuration file and reports each problem to the user.",
-    "Every option has a default value that works for most small projects.",
-    "Errors name the line where they happened and suggest a likely fix.",
-    "Large files are streamed so that memory stays bounded by one block.",
-    "Tests cover the common cases as well as a few unusual inputs.",
-]
+PROSE = SENTENCES[:5]  # the filter tests' varied English prose
 PAGE = "\n".join(PROSE)
 # C4 as the paper ran it (the defaults loosen some rules for code-heavy documentation)
 PAPER = C4Config(drop_lines_without_terminal_punctuation=True, min_words_per_line=3,

@@ -5,17 +5,9 @@ from __future__ import annotations
 import pytest
 
 from tasks.fineweb_rules import FineWebConfig, check_fineweb, token_count
+from tests.tasks.test_filter import SENTENCES
 
-PROSE = [
-    "The parser reads the configuration file and reports each problem to the user.",
-    "Every option has a default value that works for most small projects.",
-    "Errors name the line where they happened and suggest a likely fix.",
-    "Large files are streamed so that memory stays bounded by one block.",
-    "Tests cover the common cases as well as a few unusual inputs.",
-    "Plugins can register new commands with a short decorator.",
-    "Logging goes to standard error with one line for each event.",
-    "The cache is invalidated whenever the source of a step changes.",
-]
+PROSE = list(SENTENCES)  # the filter tests' varied English prose
 PAGE = "\n".join(PROSE)
 FINEWEB = FineWebConfig(min_line_punct_ratio=0.12, max_short_line_ratio=0.67,
                         max_char_dup_ratio=0.01, max_newline_word_ratio=0.3)

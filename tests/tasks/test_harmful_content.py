@@ -16,17 +16,9 @@ from tasks.harmful_content import (
     read_entries,
 )
 from tasks.shards import iter_records, write_records
+from tests.tasks.test_filter import SENTENCES
 
-PROSE_LINES = [
-    "The parser reads the configuration file and reports each problem to the user.",
-    "Every option has a default value that works for most small projects.",
-    "Errors name the line where they happened and suggest a likely fix.",
-    "Large files are streamed so that memory stays bounded by one block.",
-    "Tests cover the common cases as well as a few unusual inputs.",
-    "Plugins can register new commands with a short decorator.",
-    "Logging goes to standard error with one line for each event.",
-    "The cache is invalidated whenever the source of a step changes.",
-]
+PROSE_LINES = list(SENTENCES)  # the filter tests' varied English prose
 PROSE = "\n".join(PROSE_LINES)
 
 
