@@ -227,8 +227,8 @@ def encode_shard(model_file: str, shard: str, parts_dir: str, val_fraction: floa
 
     def write(encoded: list[list[int]], held_out: list[bool], sizes: np.ndarray,
               sources: tuple[list[str], np.ndarray]) -> None:
-        names, codes = sources  # tokens and documents per source (the data report's mix)
         lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        names, codes = sources  # tokens and documents per source (the data report's mix)
         tokens = np.bincount(codes, weights=lengths, minlength=len(names))
         documents = np.bincount(codes, minlength=len(names))
         for name, n_tokens, n_documents in zip(names, tokens, documents):
@@ -237,17 +237,19 @@ def encode_shard(model_file: str, shard: str, parts_dir: str, val_fraction: floa
                     int(value)
         # each side's documents (each ending in EOS) as one flat array: the lists are split
         # by side first, so no per-token mask is built, and numpy converts the ids in C
+        held = np.array(held_out, dtype=bool)
         for side, wanted in (("train", False), ("val", True)):
-            lists = [ids for ids, held in zip(encoded, held_out) if held is wanted] \
-                if any(held_out) else (encoded if not wanted else [])
-            if not lists:
+            docs = held == wanted
+            if not docs.any():
                 continue
-            count = sum(map(len, lists))
+            lists = [ids for ids, h in zip(encoded, held_out) if h is wanted] \
+                if held.any() else encoded
+            count = int(lengths[docs].sum())
             files[side].write(np.fromiter(chain.from_iterable(lists), dtype=dtype,
                                           count=count).tobytes())
             counts[f"{side}_tokens"] += count
-            counts[f"{side}_documents"] += len(lists)
-            counts[f"{side}_bytes"] += int(sizes[np.array(held_out) == wanted].sum())
+            counts[f"{side}_documents"] += int(docs.sum())
+            counts[f"{side}_bytes"] += int(sizes[docs].sum())
 
     parquet = pq.ParquetFile(shard, memory_map=True)
     with_source = "source" in parquet.schema_arrow.names
