@@ -64,6 +64,8 @@ class ModelConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
+    causal: bool = True  # False: every position attends to every other (a masked-LM encoder)
+    prompt_tokens: int = 0  # learned soft-prompt vectors put before the tokens (prompt tuning)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -88,6 +90,11 @@ class ModelConfig:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
                              f"({self.n_kv_heads}): each key/value head serves a group of "
                              "query heads")
+        if not 0 <= self.prompt_tokens < self.context_length:
+            raise ValueError(f"prompt_tokens ({self.prompt_tokens}) must be at least 0 and "
+                             f"leave room in the context of {self.context_length} tokens")
+        if self.prompt_tokens and not self.causal:
+            raise ValueError("prompt tuning (prompt_tokens) needs a causal decoder")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -100,7 +107,7 @@ class ModelConfig:
         table once when tied; ``non_embedding`` leaves it out)."""
         d, m, kv = self.d_model, self.mlp_hidden, self.n_kv_heads * self.head_dim
         block = (d * d + d * 2 * kv + d * d) + (d * 2 * m + m * d) + 2 * d  # attn, mlp, norms
-        body = self.n_layers * block + d  # + the final norm
+        body = self.n_layers * block + d + self.prompt_tokens * d  # + final norm, soft prompt
         table = self.vocab_size * d
         if non_embedding:
             return body + (0 if self.tie_embeddings else table)

@@ -63,7 +63,8 @@ class TextGenerator:
 
     @property
     def context_length(self) -> int:
-        return self.model.config.context_length
+        """Tokens the model reads at once (a soft prompt's positions left out)."""
+        return self.model.max_tokens
 
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8,
                  top_k: int | None = None, top_p: float | None = None,

@@ -114,6 +114,12 @@ def export_model(model_dir: str | Path, out_dir: str | Path) -> Path:
             raise FileNotFoundError(f"{model_dir} holds no {name}: export needs a trained "
                                     "model's directory (the pretrain or finetune stage output)")
     model = load_model(model_dir / "model.pt")
+    if not model.config.causal or model.config.prompt_tokens:
+        raise ValueError(f"{model_dir} holds a "
+                         + ("masked-LM encoder" if not model.config.causal else
+                            "prompt-tuned model (a soft prompt)")
+                         + ", which transformers' LlamaForCausalLM cannot represent; export "
+                           "a causal model without prompt tuning (LoRA adapters are merged)")
     tokenizer = hf_tokenizer(model_dir / "tokenizer.model")
     ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
            "pad": tokenizer.pad_token_id}

@@ -2,7 +2,9 @@
 
 Pre-norm transformer blocks with RMSNorm, rotary position embeddings, grouped-query
 attention through ``F.scaled_dot_product_attention`` and a SwiGLU MLP; token embeddings
-tied to the output head by default. Initialisation follows GPT-2/nanoGPT: normal(0.02)
+tied to the output head by default. With ``causal=False`` the same stack is a
+bidirectional encoder (masked-LM pretraining); with ``prompt_tokens`` it carries a learned
+soft prompt before every sequence (prompt tuning). Initialisation follows GPT-2/nanoGPT: normal(0.02)
 everywhere, with the projections that write into the residual stream scaled down by
 ``1/sqrt(2 * n_layers)`` so the residual variance does not grow with depth.
 """
@@ -58,15 +60,19 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(config.d_model, config.d_model, bias=False)
         self.out_proj.residual = True
         self.dropout = config.dropout
+        self.causal = config.causal
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LayerCache | None = None) -> torch.Tensor:
+                cache: LayerCache | None = None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k, v = self.kv_proj(x).view(B, T, 2, self.n_kv_heads, self.head_dim).unbind(2)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        causal, mask = True, None
+        causal, mask = self.causal, None
+        if not self.causal and key_mask is not None:  # padding is never attended to
+            mask = key_mask[:, None, None, :]  # (B, 1, 1, T)
         if cache is not None:  # earlier positions' keys and values come from the cache
             past = cache.length
             k, v = cache.append(k, v)  # (B, nkv, past + T, hs)
@@ -140,8 +146,9 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LayerCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
+                cache: LayerCache | None = None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, key_mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -155,6 +162,9 @@ class Llama(nn.Module):
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
+        # prompt tuning: vectors in embedding space, learned while the rest stays frozen
+        self.prompt = nn.Parameter(torch.empty(config.prompt_tokens, config.d_model)) \
+            if config.prompt_tokens else None
         cos, sin = rope_cache(config.context_length, config.head_dim, config.rope_theta)
         # not saved in the state_dict: recomputed from the config on load
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -169,6 +179,8 @@ class Llama(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if module is self and self.prompt is not None:
+            nn.init.normal_(self.prompt, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters, counted once when tied; ``non_embedding`` leaves the token table out."""
@@ -177,26 +189,52 @@ class Llama(nn.Module):
             total -= self.embed.weight.numel()
         return total
 
+    @property
+    def max_tokens(self) -> int:
+        """Tokens a sequence may hold: the context less the soft prompt's positions."""
+        return self.config.context_length - self.config.prompt_tokens
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The final normalised hidden states (B, T, C) of token ids (B, T), one per token
+        (the soft prompt's positions, if any, are dropped). ``attention_mask`` (B, T), true
+        at real tokens, keeps an encoder from attending to padding; a causal model never
+        sees the padding after a token, so it needs none for right-padded batches."""
+        B, T = idx.shape
+        x = F.dropout(self.embed(idx), self.config.dropout, self.training)  # (B, T, C)
+        start = cache.length if cache is not None else 0
+        prompt = self.prompt is not None and start == 0
+        if prompt:  # the soft prompt comes first, at positions 0..P-1
+            x = torch.cat((self.prompt.to(x.dtype).expand(B, -1, -1), x), dim=1)
+            if attention_mask is not None:
+                attention_mask = F.pad(attention_mask.bool(), (self.config.prompt_tokens, 0),
+                                       value=True)
+        length = x.size(1)
+        if start + length > self.config.context_length:
+            raise ValueError(f"sequence length {start + length} exceeds context_length "
+                             f"{self.config.context_length}"
+                             + (f" ({self.config.prompt_tokens} of them the soft prompt)"
+                                if self.prompt is not None else ""))
+        cos, sin = self.rope_cos[start:start + length], self.rope_sin[start:start + length]
+        key_mask = attention_mask.bool() if attention_mask is not None else None
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache.layers[i] if cache is not None else None, key_mask)
+        x = self.norm(x)
+        return x[:, -T:] if prompt else x  # (B, T, C)
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                loss_mask: torch.Tensor | None = None, cache: KVCache | None = None
+                loss_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                attention_mask: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, V) for token ids (B, T); with ``targets`` (B, T) also the mean loss.
 
         ``loss_mask`` (B, T), true where a target counts, restricts the loss (e.g. to the
         response tokens in fine-tuning); targets equal to IGNORE_INDEX never count. With a
         ``cache``, idx holds the tokens after those already in it, at the positions after
-        theirs, and the cache takes in their keys and values.
+        theirs, and the cache takes in their keys and values. ``attention_mask``: see
+        :meth:`hidden_states`.
         """
-        T = idx.size(1)
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.context_length:
-            raise ValueError(f"sequence length {start + T} exceeds context_length "
-                             f"{self.config.context_length}")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, hs/2)
-        x = F.dropout(self.embed(idx), self.config.dropout, self.training)  # (B, T, C)
-        for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache.layers[i] if cache is not None else None)
-        logits = self.head(self.norm(x))  # (B, T, V)
+        logits = self.head(self.hidden_states(idx, cache, attention_mask))  # (B, T, V)
         if targets is None:
             return logits, None
         if loss_mask is not None:
@@ -220,9 +258,11 @@ class Llama(nn.Module):
         window fills up the cache restarts from its last half (without the cache, every
         step sees exactly the last ``context_length`` tokens).
         """
+        if not self.config.causal:
+            raise ValueError("a masked-LM encoder (causal=False) does not generate text")
         was_training = self.training
         self.eval()
-        window = self.config.context_length
+        window = self.max_tokens
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         cache, pending = None, idx  # pending: the tokens the cache has not seen yet
         for _ in range(max_new_tokens):
