@@ -147,6 +147,8 @@ def test_grouped_query_attention_and_untied_head():
     ({"n_heads": 4, "n_kv_heads": 3}, "multiple of n_kv_heads"),
     ({"d_model": 12, "n_heads": 4}, "must be even"),
     ({"dropout": 1.5}, "dropout"),
+    ({"prompt_tokens": 256}, "leave room"),
+    ({"prompt_tokens": 2, "causal": False}, "causal decoder"),
 ])
 def test_config_validation_names_the_problem(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -161,3 +163,35 @@ def test_defaults_and_round_trip_through_a_model_file(tmp_path):
     idx = torch.randint(0, 64, (2, 16))
     assert loaded.config == model.config
     assert torch.equal(loaded(idx)[0], model(idx)[0])
+
+
+def test_an_encoder_sees_both_sides_and_never_the_padding():
+    encoder = tiny(causal=False).eval()
+    idx = torch.randint(1, 64, (1, 8))
+    changed = idx.clone()
+    changed[0, 6] = (idx[0, 6] + 1) % 64
+    # a later token changes an earlier position's state (the decoder's would not change)
+    assert not torch.allclose(encoder.hidden_states(idx)[:, :3],
+                              encoder.hidden_states(changed)[:, :3])
+    padded = torch.cat([idx, torch.zeros(1, 4, dtype=torch.long)], dim=1)
+    mask = torch.tensor([[True] * 8 + [False] * 4])
+    assert torch.allclose(encoder.hidden_states(padded, attention_mask=mask)[:, :8],
+                          encoder.hidden_states(idx), atol=1e-5)
+    assert not torch.allclose(encoder.hidden_states(padded)[:, :8], encoder.hidden_states(idx))
+    with pytest.raises(ValueError, match="does not generate"):
+        encoder.generate(idx, 2)
+
+
+def test_a_soft_prompt_comes_first_and_generation_keeps_it():
+    plain, prompted = tiny().eval(), tiny(prompt_tokens=4).eval()
+    assert prompted.max_tokens == 12 and prompted.num_params() == plain.num_params() + 4 * 32
+    idx = torch.randint(0, 64, (2, 5))
+    assert prompted(idx)[0].shape == (2, 5, 64)
+    with torch.no_grad():
+        prompted.prompt.add_(1.0)  # the soft prompt changes every position's prediction
+        assert not torch.allclose(prompted(idx)[0], tiny(prompt_tokens=4).eval()(idx)[0])
+    with pytest.raises(ValueError, match="soft prompt"):
+        prompted(torch.randint(0, 64, (1, 13)))
+    cached = prompted.generate(idx, 10, temperature=0)  # the window refills past 12 tokens
+    uncached = prompted.generate(idx, 10, temperature=0, use_cache=False)
+    assert cached.shape == (2, 15) and torch.equal(cached[:, :12], uncached[:, :12])
