@@ -6,6 +6,12 @@ once). Perplexity is ``exp(loss)``; bits per byte divides the total information 
 UTF-8 bytes of the evaluated text, which makes numbers comparable across tokenizers. The
 unigram baseline (add-one smoothed token frequencies of ``train.bin``) is what a model
 that ignores context achieves: a trained model must beat it clearly.
+
+A masked-LM encoder (``pretrain.objective: masked``) has no perplexity: it predicts a
+masked token from both sides, so it gives no left-to-right probability of a text. It is
+scored instead by its masked-token loss and accuracy on the same windows (masked as in
+pretraining), against always answering the most frequent training token; and as it does
+not generate, samples.md says so instead of holding samples.
 """
 
 from __future__ import annotations
@@ -93,6 +99,52 @@ def baseline_metrics(tokenized_dir: Path, meta: dict, data: StridedWindows) -> d
             "bits_per_byte": bits_per_byte(loss, len(targets), scored_bytes)}
 
 
+NO_PERPLEXITY = ("a masked-LM encoder predicts each masked token from both sides, so it "
+                 "assigns no left-to-right probability to a text: it has no perplexity or "
+                 "bits per byte; its masked-token loss and accuracy are reported instead, "
+                 "against always answering the most frequent training token")
+
+
+def masked_metrics(models: dict[str, Llama], pretrained_dir: Path, tokenized_dir: Path,
+                   meta: dict, data: StridedWindows, batch_size: int,
+                   device: torch.device) -> dict:
+    """Masked-token loss and accuracy of each encoder in ``models`` on ``data``'s windows,
+    masked as pretraining masked them (its rates and seed from its config.json), and the
+    most-frequent-token baseline on the same masked tokens."""
+    from models.data import open_tokens
+    from models.masked_lm import (
+        VAL_STREAM,
+        MaskedWindows,
+        evaluate_masked,
+        masked_baseline,
+        token_counts,
+    )
+    from tasks.pretrain import masking_for
+
+    config_path = Path(pretrained_dir) / "config.json"
+    training = json.loads(config_path.read_text(encoding="utf-8")).get("training", {}) \
+        if config_path.is_file() else {}
+    masking = masking_for(training, meta, f"the tokenizer in {tokenized_dir}")
+    windows = MaskedWindows(data, masking, training.get("seed", 0), VAL_STREAM)
+    report: dict = {"note": NO_PERPLEXITY, "masking": {
+        "mask_id": masking.mask_id, "mask_rate": masking.mask_rate,
+        "mask_token_ratio": masking.mask_token_ratio,
+        "random_token_ratio": masking.random_token_ratio}}
+    label_counts = None
+    for name, model in models.items():
+        scores = evaluate_masked(model, windows, batch_size, device)
+        report[name] = {"mlm_loss": scores.loss, "mlm_accuracy": scores.accuracy,
+                        "masked_tokens": scores.masked_tokens}
+        label_counts = scores.label_counts  # the same windows and masks for every model
+    counts = token_counts(open_tokens(tokenized_dir / "train.bin", meta["dtype"]),
+                          meta["vocab_size"])
+    baseline = masked_baseline(counts, label_counts, (*masking.special_ids, masking.mask_id))
+    report["most_frequent_token"] = {"mlm_accuracy": baseline["accuracy"],
+                                     "mlm_loss_unigram": baseline["loss"],
+                                     "token_id": baseline["token"]}
+    return report
+
+
 def write_samples(path: Path, config: EvaluateConfig, model: Llama, label: str,
                   sp: spm.SentencePieceProcessor, eos_id: int, device: torch.device) -> list[dict]:
     """Continue each prompt ``num_samples`` times; writes samples.md and returns the rows."""
@@ -121,7 +173,8 @@ def write_samples(path: Path, config: EvaluateConfig, model: Llama, label: str,
 
 def evaluate(config: EvaluateConfig, tokenized_dir: Path, pretrained_dir: Path,
              finetuned_dir: Path | None, out_dir: Path) -> dict:
-    """Score the pretrained (and fine-tuned) model on val.bin; write the report and samples."""
+    """Score the pretrained (and fine-tuned) model on val.bin; write the report and samples.
+    A causal model gets perplexity and bits per byte, an encoder masked-token metrics."""
     import sentencepiece as spm
 
     from models.checkpoint import load_model
@@ -136,6 +189,8 @@ def evaluate(config: EvaluateConfig, tokenized_dir: Path, pretrained_dir: Path,
     models = {"pretrained": load_model(Path(pretrained_dir) / "model.pt", device)}
     if finetuned_dir is not None:
         models["finetuned"] = load_model(Path(finetuned_dir) / "model.pt", device)
+    causal = {name: model for name, model in models.items() if model.config.causal}
+    encoders = {name: model for name, model in models.items() if not model.config.causal}
     context = models["pretrained"].config.context_length
     max_windows = config.val_batches * config.batch_size or None
     data = StridedWindows(tokenized_dir / "val.bin", meta["dtype"], context, max_windows)
@@ -144,29 +199,62 @@ def evaluate(config: EvaluateConfig, tokenized_dir: Path, pretrained_dir: Path,
                                      f"window of {context + 1}; raise tokenize.val_fraction")
 
     report: dict = {"evaluated_tokens": data.num_targets, "val_tokens": meta["val_tokens"],
-                    "val_bytes": meta["val_bytes"], "context_length": context,
-                    "unigram": baseline_metrics(tokenized_dir, meta, data)}
-    for name, model in models.items():
+                    "val_bytes": meta["val_bytes"], "context_length": context}
+    if causal:
+        report["unigram"] = baseline_metrics(tokenized_dir, meta, data)
+    for name, model in causal.items():
         report[name] = model_metrics(model, data, meta, config.batch_size, device)
         report[name]["ppl_ratio_vs_unigram"] = (report[name]["val_perplexity"]
                                                 / report["unigram"]["val_perplexity"])
         log.info("evaluate: %s val loss %.3f, perplexity %.1f (unigram %.1f), %.3f bits/byte",
                  name, report[name]["val_loss"], report[name]["val_perplexity"],
                  report["unigram"]["val_perplexity"], report[name]["bits_per_byte"])
+    if encoders:
+        masked = masked_metrics(encoders, pretrained_dir, tokenized_dir, meta, data,
+                                config.batch_size, device)
+        baseline = masked.pop("most_frequent_token")
+        report["masked_lm"] = {"note": masked.pop("note"), "masking": masked.pop("masking"),
+                               "most_frequent_token": baseline}
+        for name, scores in masked.items():
+            report[name] = scores
+            log.info("evaluate: %s is a masked-LM encoder (no perplexity): masked-token loss "
+                     "%.3f, accuracy %.3f on %d masked tokens (most frequent token: %.3f)",
+                     name, scores["mlm_loss"], scores["mlm_accuracy"],
+                     scores["masked_tokens"], baseline["mlm_accuracy"])
 
-    label = "finetuned" if "finetuned" in models else "pretrained"
-    sp = spm.SentencePieceProcessor(model_file=str(tokenized_dir / "tokenizer.model"))
-    report["samples"] = write_samples(out_dir / "samples.md", config, models[label], label, sp,
-                                      meta["eos_id"], device)
-    report["samples_model"] = label
+    generators = [name for name in ("finetuned", "pretrained") if name in causal]
+    if generators:
+        label = generators[0]
+        sp = spm.SentencePieceProcessor(model_file=str(tokenized_dir / "tokenizer.model"))
+        report["samples"] = write_samples(out_dir / "samples.md", config, models[label],
+                                          label, sp, meta["eos_id"], device)
+        report["samples_model"] = label
+    else:
+        write_text_atomic(out_dir / "samples.md", "# Samples\n\nNone: the evaluated model is "
+                          "a masked-LM encoder (bidirectional attention). It fills in masked "
+                          "tokens and does not generate text; see its masked-token accuracy in "
+                          "eval_report.json.\n")
+        report["samples"], report["samples_model"] = [], None
+        log.info("evaluate: no samples: a masked-LM encoder does not generate text")
     write_text_atomic(out_dir / "eval_report.json", json.dumps(report, indent=2))
 
     stats = {"evaluated_tokens": data.num_targets}
-    for name in ("unigram", *models):
+    for name in ["unigram", *causal] if causal else []:
         for key, value in report[name].items():
             if key != "tokens":
                 stats[f"{name}_{key}"] = round(value, 5)
-    stats["ppl_ratio_vs_unigram"] = stats["pretrained_ppl_ratio_vs_unigram"]
+    if "pretrained" in causal:
+        stats["ppl_ratio_vs_unigram"] = stats["pretrained_ppl_ratio_vs_unigram"]
+    for name in encoders:
+        for key in ("mlm_loss", "mlm_accuracy"):
+            stats[f"{name}_{key}"] = round(report[name][key], 5)
+    if "pretrained" in encoders:
+        baseline = report["masked_lm"]["most_frequent_token"]
+        stats.update({"mlm_accuracy": stats["pretrained_mlm_accuracy"],
+                      "mlm_loss": stats["pretrained_mlm_loss"],
+                      "mlm_baseline_accuracy": round(baseline["mlm_accuracy"], 5),
+                      "mlm_baseline_loss": round(baseline["mlm_loss_unigram"], 5),
+                      "mlm_masked_tokens": report["pretrained"]["masked_tokens"]})
     log.info("evaluate: done in %.1fs", time.perf_counter() - started)
     return {"count": data.num_targets, "unit": "tokens", "stats": stats,
             "artifacts": {"eval_report": "eval_report.json", "samples": "samples.md"}}

@@ -7,6 +7,10 @@ within a minute, because documentation pages usually open by restating their tit
 then follow a house style; the pretrained model has never seen the template, so the loss
 on held-out pairs before and after fine-tuning shows plainly whether fine-tuning worked.
 Only response tokens are trained on.
+
+``adapter.method`` picks what trains (models.adapters): every weight (``full``), LoRA
+adapters merged into model.pt afterwards (``lora``), or a soft prompt alone
+(``prompt_tuning``); both of the latter also save the adapter in ``adapter/``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from models.adapters import AdapterSettings
 from models.config import Accelerator, Precision, check_devices, check_strategy
 from tasks.launch import across_devices, world_size
 from tasks.shards import iter_records
@@ -89,6 +94,15 @@ class FinetuneConfig(BaseModel):
                     "(more overfits them).")
     batch_size: int = Field(16, ge=1, description="Pairs per optimizer step (per device).")
     grad_clip: float = Field(1.0, ge=0.0, description="Gradient-norm clip; 0 = none.")
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="Dropout on the model while fine-tuning (a guard against overfitting a "
+                    "few hundred pairs); 0 = keep the pretrained model's own value. The "
+                    "saved model keeps the pretrained value.")
+    adapter: AdapterSettings = Field(
+        default_factory=AdapterSettings,
+        description="What trains: every weight (method 'full'), LoRA adapters ('lora') or a "
+                    "soft prompt ('prompt_tuning'), with their settings.")
     val_every_steps: int = Field(
         20, ge=1, description="Measure the held-out loss every this many steps.")
     log_every_steps: int = Field(
@@ -219,6 +233,8 @@ def finetune(config: FinetuneConfig, tokenized_dir: Path, pretrained_dir: Path,
     import torch
     from torch.utils.data import DataLoader, Subset
 
+    from models.adapters import finish_model as finish_adapter
+    from models.adapters import prepare_model, set_dropout, trainable_summary
     from models.checkpoint import load_model
     from models.data import SFTDataset, collate_trimmed, read_meta
     from models.evaluation import evaluate_loss, pick_device
@@ -236,7 +252,17 @@ def finetune(config: FinetuneConfig, tokenized_dir: Path, pretrained_dir: Path,
     L.seed_everything(config.seed, workers=True, verbose=False)
     set_threads(config.num_threads)
     model = load_model(pretrained_dir / "model.pt").train()
-    context = model.config.context_length
+    method = config.adapter.method
+    if method == "prompt_tuning" and config.adapter.prompt_tokens >= model.config.context_length // 2:
+        raise StageInputError(STAGE, f"finetune.adapter.prompt_tokens="
+                                     f"{config.adapter.prompt_tokens} would take half or more "
+                                     f"of the model's context of {model.config.context_length} "
+                                     "tokens; use fewer prompt tokens")
+    pretrained_dropout = set_dropout(model, config.dropout) if config.dropout > 0 \
+        else model.config.dropout
+    trained = prepare_model(model, config.adapter, seed=config.seed)  # model itself if full
+    shape = trained.config if method == "prompt_tuning" else model.config
+    context = shape.context_length - shape.prompt_tokens  # what the soft prompt leaves
     sp = spm.SentencePieceProcessor(model_file=str(tokenized_dir / "tokenizer.model"))
     train_data = SFTDataset(train_pairs, sp, context, meta["eos_id"], meta["pad_id"])
     val_data = SFTDataset(val_pairs, sp, context, meta["eos_id"], meta["pad_id"])
@@ -248,13 +274,19 @@ def finetune(config: FinetuneConfig, tokenized_dir: Path, pretrained_dir: Path,
     log.info("finetune: %d train / %d val pairs (%d skipped: prompt longer than the context)",
              len(train_data), len(val_data), train_data.skipped + val_data.skipped)
 
+    summary = trainable_summary(trained)
+    log.info("finetune: method %s trains %d of %d parameters (%.2f%%), dropout %g", method,
+             summary["trainable_params"], summary["total_params"],
+             100 * summary["trainable_share"], shape.dropout)
+
     device = pick_device(config.accelerator)
+    # the pretrained model's loss (LoRA's fresh adapters add zero; the soft prompt is new)
     val_before, _ = evaluate_loss(model.to(device), val_data, config.batch_size, device,
                                   collate_trimmed)
-    module = SupervisedFineTuning(model, config.learning_rate, config.weight_decay,
+    module = SupervisedFineTuning(trained, config.learning_rate, config.weight_decay,
                                   config.warmup_steps, config.max_steps, config.min_lr_ratio)
     precision = resolve_precision(config.precision, config.accelerator)
-    resolved = {"model": model.config.to_dict(), "finetune": config.model_dump(mode="json"),
+    resolved = {"model": shape.to_dict(), "finetune": config.model_dump(mode="json"),
                 "pretrained_from": str(pretrained_dir.resolve()),
                 "pairs_train": len(train_data), "pairs_val": len(val_data)}
     # the order of pairs for the whole run, fixed up front (epochs of seeded permutations),
@@ -271,14 +303,16 @@ def finetune(config: FinetuneConfig, tokenized_dir: Path, pretrained_dir: Path,
     val_loader = DataLoader(val_data, batch_size=config.batch_size, collate_fn=collate_trimmed,
                             generator=torch.Generator().manual_seed(config.seed))
     settings = TrainSettings.of(config, "finetune", precision)
-    settings.flops_per_token = model.config.flops_per_token()
+    settings.flops_per_token = shape.flops_per_token()
     outcome = run_training(settings, module, train_loader, val_loader, out_dir, resolved,
                            on_metrics, files={"tokenizer.model": tokenized_dir / "tokenizer.model"})
     if not outcome.is_global_zero:  # rank zero evaluates, writes and reports
         return {}
     trainer, callback, seconds = outcome.trainer, outcome.callback, outcome.seconds
-    val_after, val_tokens = evaluate_loss(model.to(device), val_data, config.batch_size, device,
-                                          collate_trimmed)
+    val_after, val_tokens = evaluate_loss(trained.to(device), val_data, config.batch_size,
+                                          device, collate_trimmed)
+    tuned = finish_adapter(trained, config.adapter, out_dir)  # the plain Llama for model.pt
+    set_dropout(tuned, pretrained_dropout)
 
     losses = [loss for _, loss in callback.train_history]
     first = sum(losses[:FIRST_STEPS]) / max(1, len(losses[:FIRST_STEPS]))
@@ -288,10 +322,14 @@ def finetune(config: FinetuneConfig, tokenized_dir: Path, pretrained_dir: Path,
              val_after, val_tokens, first, final)
 
     val_points = [p for p in callback.val_history if p[0] != trainer.global_step]
-    finish_model(outcome, model, out_dir, resolved,
+    finish_model(outcome, tuned, out_dir, resolved,
                  [(0, val_before), *val_points, (trainer.global_step, val_after)],
                  "fine-tuning (response tokens only)",
-                 extra={"prompt_template": config.prompt_template})
+                 extra={"prompt_template": config.prompt_template, "adapter": method})
+    artifacts = {"model": "model.pt", "config": "config.json",
+                 "tokenizer_model": "tokenizer.model", "loss_curve": "loss_curve.png"}
+    if method != "full":
+        artifacts["adapter"] = "adapter"
     return {
         "count": trainer.global_step,
         "unit": "steps",
@@ -299,8 +337,10 @@ def finetune(config: FinetuneConfig, tokenized_dir: Path, pretrained_dir: Path,
                   "train_loss_first": round(first, 5), "train_loss_final": round(final, 5),
                   "val_loss_before": round(val_before, 5), "val_loss_after": round(val_after, 5),
                   "val_perplexity_after": round(math.exp(val_after), 3),
+                  "trainable_params": summary["trainable_params"],
+                  "trainable_share": round(summary["trainable_share"], 6),
                   "seconds": round(seconds, 2)},
-        "artifacts": {"model": "model.pt", "config": "config.json",
-                      "tokenizer_model": "tokenizer.model", "loss_curve": "loss_curve.png"},
+        "artifacts": artifacts,
+        "method": method,
         "resumed_from_step": outcome.resumed_from,
     }

@@ -1,5 +1,10 @@
 """Pretrain stage: train the decoder from scratch on the tokenized corpus.
 
+``objective`` picks what is learned: "causal" (the default) trains the decoder to predict
+the next token; "masked" trains a bidirectional encoder (BERT-style) to restore masked
+tokens (``models.masked_lm``), validated by masked-token loss and accuracy instead of
+perplexity, against the accuracy of always answering the most frequent training token.
+
 Training reads random windows of ``train.bin`` for exactly ``max_steps`` optimizer steps
 (no epochs: the corpus is small and a fixed step budget keeps the run time predictable),
 validates on evenly spread windows of ``val.bin``, and saves ``model.pt`` (plain torch,
@@ -76,6 +81,28 @@ class PretrainConfig(BaseModel):
                         "fields here are ignored) and the corpus is encoded with its "
                         "tokenizer (tokenize reuses it instead of training one). Empty: a "
                         "fresh model.")
+    objective: Literal["causal", "masked"] = Field(
+        "causal", description="What the model learns: 'causal' = predict each next token "
+                              "(a decoder that generates text); 'masked' = restore masked "
+                              "tokens from both sides (a BERT-style encoder with "
+                              "bidirectional attention, for classification and tagging; it "
+                              "does not generate, so generative fine-tuning and samples are "
+                              "skipped).")
+    mask_rate: float = Field(
+        0.15, gt=0.0, lt=1.0,
+        description="objective 'masked': share of the ordinary tokens (never EOS, BOS, PAD "
+                    "or UNK) chosen in each window for the model to restore; only they count "
+                    "in the loss. Every window gets at least one.")
+    mask_token_ratio: float = Field(
+        0.8, ge=0.0, le=1.0,
+        description="objective 'masked': share of the chosen tokens replaced by <mask> "
+                    "(BERT: 0.8).")
+    random_token_ratio: float = Field(
+        0.1, ge=0.0, le=1.0,
+        description="objective 'masked': share of the chosen tokens replaced by a random "
+                    "ordinary token (BERT: 0.1); the rest of the chosen tokens (1 - "
+                    "mask_token_ratio - random_token_ratio) stay as they are, so that the model "
+                    "cannot assume that a visible token is never the one asked for.")
     init_if_missing: Literal["error", "fresh"] = Field(
         "error", description="When init_from names a registered model that has no version "
                              "yet: 'error' stops the run; 'fresh' starts from new weights (the "
@@ -165,6 +192,14 @@ class PretrainConfig(BaseModel):
         model_config_for(self, vocab_size=256)  # the shape's own checks, before any work
         return self
 
+    @model_validator(mode="after")
+    def _replacement_shares_fit(self) -> PretrainConfig:
+        if self.mask_token_ratio + self.random_token_ratio > 1.0 + 1e-9:
+            raise ValueError(f"mask_token_ratio ({self.mask_token_ratio}) + random_token_ratio "
+                             f"({self.random_token_ratio}) must be at most 1: they are shares "
+                             "of the same chosen tokens (BERT: 0.8 and 0.1)")
+        return self
+
 
 def model_config_for(config: PretrainConfig, vocab_size: int) -> ModelConfig:
     """The ModelConfig, with its validation errors phrased as pretrain settings."""
@@ -172,9 +207,29 @@ def model_config_for(config: PretrainConfig, vocab_size: int) -> ModelConfig:
         return ModelConfig(vocab_size=vocab_size, context_length=config.context_length,
                            d_model=config.d_model, n_layers=config.n_layers,
                            n_heads=config.n_heads, n_kv_heads=config.n_kv_heads,
-                           dropout=config.dropout)
+                           dropout=config.dropout, causal=config.objective == "causal")
     except ValueError as exc:
         raise ValueError(f"invalid model shape: {exc}") from exc
+
+
+def special_ids(meta: dict) -> tuple[int, ...]:
+    """The tokenizer's special ids (never masked, never a random replacement)."""
+    return tuple(sorted({meta[name] for name in ("unk_id", "bos_id", "eos_id", "pad_id")
+                         if meta.get(name, -1) >= 0}))
+
+
+def masking_for(settings: dict, meta: dict, source: str = "the tokenizer"):
+    """The masking of a masked-LM run: ``settings`` holds mask_rate, mask_token_ratio and
+    random_token_ratio (a PretrainConfig's dump, or the ``training`` part of a model's
+    config.json); the ids come from the tokenize stage's meta.json."""
+    from models.masked_lm import Masking
+    from tasks.tokenize import resolve_mask_id
+
+    defaults = PretrainConfig.model_fields
+    value = {name: settings.get(name, defaults[name].default)
+             for name in ("mask_rate", "mask_token_ratio", "random_token_ratio")}
+    return Masking(mask_id=resolve_mask_id(meta, source), vocab_size=meta["vocab_size"],
+                   special_ids=special_ids(meta), **value)
 
 
 def check_tokens(meta: dict, context_length: int) -> None:
@@ -217,19 +272,19 @@ def pretrain(config: PretrainConfig, tokenized_dir: Path, out_dir: Path,
              on_metrics: MetricsFn | None = None, init_model: Path | None = None) -> dict:
     """Train a model on ``tokenized_dir``'s train.bin, fresh or, with ``init_model`` (a
     directory with model.pt and tokenizer.model), continuing that one; returns steps and
-    final losses."""
+    final losses (and, for ``objective`` "masked", masked-token loss and accuracy)."""
     import lightning as L
     import torch
     from torch.utils.data import DataLoader
 
     from models.data import RandomWindows, StridedWindows, read_meta
-    from models.evaluation import evaluate_loss
     from models.lightning import CausalLM, resolve_precision, set_threads
     from models.llama import Llama
 
     tokenized_dir, out_dir = Path(tokenized_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = read_meta(tokenized_dir)
+    masked = config.objective == "masked"
     parent = None
     if init_model is not None:
         parent = load_parent_model(init_model, tokenized_dir, meta)
@@ -240,8 +295,10 @@ def pretrain(config: PretrainConfig, tokenized_dir: Path, out_dir: Path,
             "context_length": shape.context_length})
     check_tokens(meta, config.context_length)
     model_config = model_config_for(config, meta["vocab_size"])
-    if parent is not None:  # its exact shape (and this run's dropout)
-        model_config = dataclasses.replace(parent.config, dropout=config.dropout)
+    if parent is not None:  # its exact shape (and this run's dropout and objective)
+        model_config = continued_config(parent.config, config, init_model)
+    masking = masking_for(config.model_dump(), meta, f"the tokenizer in {tokenized_dir}") \
+        if masked else None
     L.seed_everything(config.seed, workers=True, verbose=False)
     set_threads(config.num_threads)
 
@@ -250,8 +307,15 @@ def pretrain(config: PretrainConfig, tokenized_dir: Path, out_dir: Path,
         model.load_state_dict(parent.state_dict())
         log.info("pretrain: continuing from the model in %s (%.2fM parameters, context %d)",
                  init_model, model.num_params() / 1e6, model_config.context_length)
-    module = CausalLM(model, config.learning_rate, config.weight_decay, config.warmup_steps,
-                      config.max_steps, config.min_lr_ratio)
+    if masked:
+        from models.masked_lm import MaskedLM
+
+        module = MaskedLM(model, config.learning_rate, config.weight_decay,
+                          config.warmup_steps, config.max_steps, config.min_lr_ratio,
+                          on_metrics=on_metrics)
+    else:
+        module = CausalLM(model, config.learning_rate, config.weight_decay,
+                          config.warmup_steps, config.max_steps, config.min_lr_ratio)
     if config.compile:
         module.compile()
     samples = config.max_steps * config.batch_size * config.grad_accum * world_size(config)
@@ -259,6 +323,28 @@ def pretrain(config: PretrainConfig, tokenized_dir: Path, out_dir: Path,
                                config.context_length, samples, seed=config.seed)
     val_data = StridedWindows(tokenized_dir / "val.bin", meta["dtype"], config.context_length,
                               max_windows=config.val_batches * config.batch_size)
+    before = None
+    if masked:
+        from models.evaluation import pick_device
+        from models.masked_lm import (
+            TRAIN_STREAM,
+            VAL_STREAM,
+            MaskedWindows,
+            evaluate_masked,
+        )
+
+        # each window masked by a generator seeded from its index: the same masks after
+        # a resume, and the same validation masks at every validation
+        train_data = MaskedWindows(train_data, masking, config.seed, TRAIN_STREAM)
+        val_data = MaskedWindows(val_data, masking, config.seed, VAL_STREAM)
+        log.info("pretrain: masked-LM objective (a bidirectional encoder): %.0f%% of the "
+                 "ordinary tokens chosen, %.0f%% of them -> <mask> (id %d), %.0f%% -> a random "
+                 "token, %.0f%% kept", 100 * masking.mask_rate,
+                 100 * masking.mask_token_ratio, masking.mask_id,
+                 100 * masking.random_token_ratio,
+                 100 * (1 - masking.mask_token_ratio - masking.random_token_ratio))
+        device = pick_device(config.accelerator)  # the trainer's device too
+        before = evaluate_masked(model.to(device), val_data, config.batch_size, device)
     precision = resolve_precision(config.precision, config.accelerator)
     log.info("pretrain: %.2fM parameters, %.1f MFLOPs per token (%s), %d steps of %d x %d "
              "tokens on %s, precision %s", model.num_params() / 1e6,
@@ -267,11 +353,14 @@ def pretrain(config: PretrainConfig, tokenized_dir: Path, out_dir: Path,
              precision)
 
     resolved = {"model": model_config.to_dict(), "training": config.model_dump(mode="json"),
+                "objective": config.objective,
                 "resolved": {"precision": precision}, "tokenizer": meta,
                 "params": model.num_params(),
                 "init_from": ({"model_dir": str(init_model),
                                "model_sha256": file_sha256(Path(init_model) / "model.pt")}
                               if init_model is not None else None)}
+    if masking is not None:
+        resolved["masking"] = dataclasses.asdict(masking)
     settings = TrainSettings.of(config, "pretrain", precision)
     settings.flops_per_token = model_config.flops_per_token()
 
@@ -293,24 +382,41 @@ def pretrain(config: PretrainConfig, tokenized_dir: Path, out_dir: Path,
                                  "num_devices": trainer.num_devices,
                                  "world_size": trainer.world_size})
 
-    val_loss, _ = evaluate_loss(model, val_data, config.batch_size, module.device)
     train_loss_final = _mean_last(callback.train_history, 10)
     tokens_per_second = callback.tokens_seen / max(callback.train_seconds, 1e-9)
-    log.info("pretrain: %d steps in %.0fs (%.0f tokens/s), train loss %.3f, val loss %.3f "
-             "(perplexity %.1f)", trainer.global_step, seconds, tokens_per_second,
-             train_loss_final, val_loss, math.exp(val_loss))
+    if masked:
+        scores = masked_stats(model, val_data, before, tokenized_dir, meta, masking,
+                              config.batch_size, module.device)
+        val_loss = scores["mlm_loss"]
+        log.info("pretrain: %d steps in %.0fs (%.0f tokens/s), train loss %.3f, masked-token "
+                 "loss %.3f, accuracy %.3f (%.3f before training; always the most frequent "
+                 "token: %.3f)", trainer.global_step, seconds, tokens_per_second,
+                 train_loss_final, val_loss, scores["mlm_accuracy"],
+                 scores["mlm_accuracy_initial"], scores["mlm_baseline_accuracy"])
+        quality = {"val_loss": round(val_loss, 5), **scores}
+        title, extra = "masked-LM pretraining", {"objective": "masked",
+                                                 "mask_id": masking.mask_id}
+    else:
+        from models.evaluation import evaluate_loss
+
+        val_loss, _ = evaluate_loss(model, val_data, config.batch_size, module.device)
+        log.info("pretrain: %d steps in %.0fs (%.0f tokens/s), train loss %.3f, val loss %.3f "
+                 "(perplexity %.1f)", trainer.global_step, seconds, tokens_per_second,
+                 train_loss_final, val_loss, math.exp(val_loss))
+        quality = {"val_loss": round(val_loss, 5),
+                   "val_perplexity": round(math.exp(val_loss), 3)}
+        title, extra = "pretraining", None
 
     val_points = [p for p in callback.val_history if p[0] != trainer.global_step]
     finish_model(outcome, model, out_dir, resolved, val_points + [(trainer.global_step, val_loss)],
-                 f"pretraining ({model.num_params() / 1e6:.2f}M parameters)")
+                 f"{title} ({model.num_params() / 1e6:.2f}M parameters)", extra=extra)
     return {
         "count": trainer.global_step,
         "unit": "steps",
         "stats": {"params": model.num_params(),
                   "params_non_embedding": model_config.parameter_count(non_embedding=True),
                   "flops_per_token": model_config.flops_per_token(),
-                  "train_loss_final": round(train_loss_final, 5),
-                  "val_loss": round(val_loss, 5), "val_perplexity": round(math.exp(val_loss), 3),
+                  "train_loss_final": round(train_loss_final, 5), **quality,
                   "tokens_seen": callback.tokens_seen * trainer.world_size,
                   "tokens_per_second": round(tokens_per_second, 1), "seconds": round(seconds, 2)},
         "artifacts": {"model": "model.pt", "config": "config.json",
@@ -318,6 +424,47 @@ def pretrain(config: PretrainConfig, tokenized_dir: Path, out_dir: Path,
         "resumed_from_step": outcome.resumed_from,
         "continued_from": resolved["init_from"]["model_sha256"] if parent is not None else None,
     }
+
+
+def continued_config(parent: ModelConfig, config: PretrainConfig,
+                     init_model: Path) -> ModelConfig:
+    """The parent model's exact shape with this run's dropout and objective: a decoder
+    continued with the masked objective becomes an encoder (the weights fit either)."""
+    causal = config.objective == "causal"
+    if parent.causal != causal:
+        log.info("pretrain: the model in %s was trained as %s; it continues as %s", init_model,
+                 "a causal decoder" if parent.causal else "a masked-LM encoder",
+                 "a causal decoder" if causal else "a masked-LM encoder")
+    try:
+        return dataclasses.replace(parent, dropout=config.dropout, causal=causal)
+    except ValueError as exc:
+        raise StageInputError(STAGE, f"pretrain.init_from: the model in {init_model} cannot "
+                                     f"continue with objective {config.objective!r}: "
+                                     f"{exc}") from exc
+
+
+def masked_stats(model, val_data, before, tokenized_dir: Path, meta: dict, masking,
+                 batch_size: int, device) -> dict[str, float]:
+    """The masked-LM quality numbers: loss and accuracy on the validation windows' masked
+    tokens (``before``: the same before training), and the most-frequent-token baseline
+    on the same tokens."""
+    from models.data import open_tokens
+    from models.masked_lm import evaluate_masked, masked_baseline, token_counts
+
+    scores = evaluate_masked(model, val_data, batch_size, device)
+    counts = token_counts(open_tokens(tokenized_dir / "train.bin", meta["dtype"]),
+                          meta["vocab_size"])
+    if counts[masking.mask_id]:
+        log.warning("pretrain: the mask id %d occurs %d times in train.bin: those tokens read "
+                    "as masked to the model", masking.mask_id, int(counts[masking.mask_id]))
+    baseline = masked_baseline(counts, scores.label_counts,
+                               (*masking.special_ids, masking.mask_id))
+    return {"mlm_loss": round(scores.loss, 5), "mlm_accuracy": round(scores.accuracy, 5),
+            "mlm_accuracy_initial": round(before.accuracy, 5),
+            "mlm_loss_initial": round(before.loss, 5),
+            "mlm_baseline_accuracy": round(baseline["accuracy"], 5),
+            "mlm_baseline_loss": round(baseline["loss"], 5),
+            "mlm_masked_tokens": scores.masked_tokens}
 
 
 def _mean_last(history: list[tuple[int, float]], n: int) -> float:

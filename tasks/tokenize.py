@@ -5,6 +5,9 @@ of each document's id, so the same document lands on the same side in every run 
 validation set never leaks into the tokenizer or the model. Every document is encoded and
 followed by EOS, and the ids are concatenated into flat ``train.bin`` / ``val.bin`` arrays
 (nanoGPT's format) that training reads through a memmap without loading them.
+
+Besides the usual unk/bos/eos/pad, the vocabulary holds a ``<mask>`` control symbol for
+masked-LM pretraining; its id is ``mask_id`` in meta.json. Text never encodes to it.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ log = logging.getLogger(__name__)
 
 STAGE = "tokenize"
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+# masked-LM pretraining's mask token: a control symbol (id 4, after the four above), so it
+# has an id of its own but text never encodes to it (a literal "<mask>" stays plain text)
+MASK_PIECE = "<mask>"
 ENCODE_BATCH = 256  # documents per sentencepiece call: big enough to use every thread
 
 
@@ -168,7 +174,7 @@ def train_tokenizer(config: TokenizeConfig, text_path: Path, model_prefix: Path,
             # keep text exactly as written: code indentation and newlines matter here
             normalization_rule_name="identity", remove_extra_whitespaces=False,
             add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
-            user_defined_symbols=["\n"],
+            user_defined_symbols=["\n"], control_symbols=[MASK_PIECE],
             unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
             minloglevel=2,
         )
@@ -342,6 +348,37 @@ def reuse_tokenizer(tokenizer: Path, out_dir: Path) -> None:
     write_text_atomic(out_dir / "tokenizer.vocab", vocab)
 
 
+def mask_token_id(sp) -> int | None:
+    """The id of the tokenizer's ``<mask>`` control symbol, or None when it has none (a
+    tokenizer trained before there was one, such as an older run's given as init_from)."""
+    piece_id = sp.piece_to_id(MASK_PIECE)
+    if piece_id == sp.unk_id() or not sp.is_control(piece_id):
+        return None
+    return piece_id
+
+
+def fallback_mask_id(meta: dict, source: str) -> int:
+    """A special id that never occurs in the token files, to stand for the mask when the
+    tokenizer has no ``<mask>``: BOS (documents are encoded with EOS only), else PAD."""
+    for name in ("bos_id", "pad_id"):
+        if meta.get(name, -1) >= 0:
+            log.info("%s has no %s token: masked-LM training masks with the unused %s "
+                     "(id %d) instead", source, MASK_PIECE, name.removesuffix("_id").upper(),
+                     meta[name])
+            return meta[name]
+    raise StageInputError(STAGE, f"{source} has no {MASK_PIECE} token and neither a BOS nor "
+                                 "a PAD id to mask with; retrain the tokenizer (drop "
+                                 "pretrain.init_from)")
+
+
+def resolve_mask_id(meta: dict, source: str = "the tokenizer") -> int:
+    """The id masked-LM training masks with: meta.json's ``mask_id``, or for a tokenize
+    output written before there was one, the fallback special id."""
+    if meta.get("mask_id") is not None:
+        return int(meta["mask_id"])
+    return fallback_mask_id(meta, source)
+
+
 def sp_model_type(path: Path) -> str:
     """'bpe', 'unigram', ... as the sentencepiece model file says."""
     from sentencepiece import sentencepiece_model_pb2
@@ -400,7 +437,10 @@ def tokenize_corpus(config: TokenizeConfig, input_dir: Path, out_dir: Path,
     counts = {k: v for k, v in totals.items() if not k.startswith("source.")}
     meta = {"dtype": dtype.name, "vocab_size": vocab_size, "bos_id": sp.bos_id(),
             "eos_id": sp.eos_id(), "pad_id": sp.pad_id(), "unk_id": sp.unk_id(),
+            "mask_id": mask_token_id(sp),
             "model_type": sp_model_type(out_dir / "tokenizer.model"), **counts}
+    if meta["mask_id"] is None:  # a reused tokenizer from before the mask token existed
+        meta["mask_id"] = fallback_mask_id(meta, f"the tokenizer {tokenizer}")
     write_text_atomic(out_dir / VAL_IDS, json.dumps(sorted(val_ids)))
     write_text_atomic(out_dir / "meta.json", json.dumps(meta, indent=2))
 

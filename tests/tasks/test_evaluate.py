@@ -72,3 +72,49 @@ def test_subset_and_finetuned_model(setup, tmp_path):
     assert report["finetuned"]["val_loss"] == pytest.approx(report["pretrained"]["val_loss"])
     assert report["samples_model"] == "finetuned"
     assert "finetuned_bits_per_byte" in result["stats"]
+
+
+ENCODER = {"d_model": 32, "n_layers": 2, "n_heads": 4, "context_length": CONTEXT,
+           "batch_size": 8, "max_steps": 300, "warmup_steps": 5, "val_every_steps": 300,
+           "val_batches": 4, "objective": "masked", "num_threads": 1}
+
+
+@pytest.fixture(scope="module")
+def encoder(setup):
+    result = pretrain(PretrainConfig(**ENCODER), setup / "tokens", setup / "encoder")
+    return setup / "encoder", result
+
+
+def test_an_encoder_gets_masked_token_metrics_instead_of_perplexity(setup, encoder, tmp_path):
+    from models.data import StridedWindows
+    from models.masked_lm import VAL_STREAM, MaskedWindows
+    from tasks.pretrain import masking_for
+
+    encoder_dir, pretrained = encoder
+    # the windows pretraining validated on, so the numbers must be the same
+    config = EvaluateConfig(val_batches=4, batch_size=8)
+    result = evaluate(config, setup / "tokens", encoder_dir, None, tmp_path)
+    stats = result["stats"]
+    assert stats["mlm_accuracy"] == pytest.approx(pretrained["stats"]["mlm_accuracy"], abs=1e-5)
+    assert stats["mlm_loss"] == pytest.approx(pretrained["stats"]["mlm_loss"], abs=1e-4)
+    assert stats["mlm_baseline_accuracy"] == pretrained["stats"]["mlm_baseline_accuracy"]
+    assert stats["mlm_accuracy"] > stats["mlm_baseline_accuracy"] + 0.15
+    assert stats["mlm_loss"] < stats["mlm_baseline_loss"]
+    assert not [key for key in stats if "perplexity" in key or "bits_per_byte" in key]
+    report = json.loads((tmp_path / "eval_report.json").read_text())
+    assert "no perplexity" in report["masked_lm"]["note"] and "unigram" not in report
+    assert report["samples"] == [] and report["samples_model"] is None
+    assert "does not generate" in (tmp_path / "samples.md").read_text()
+
+    # the baseline by hand: the most frequent ordinary train token, on the masked tokens
+    meta = json.loads((setup / "tokens" / "meta.json").read_text())
+    train = np.fromfile(setup / "tokens" / "train.bin", dtype=meta["dtype"])
+    counts = np.bincount(train, minlength=meta["vocab_size"])
+    counts[[0, 1, 2, 3, meta["mask_id"]]] = 0
+    windows = MaskedWindows(StridedWindows(setup / "tokens" / "val.bin", meta["dtype"], CONTEXT,
+                                           32), masking_for({}, meta), 0, VAL_STREAM)
+    labels = np.concatenate([windows[i][1].numpy() for i in range(len(windows))])
+    labels = labels[labels >= 0]
+    assert report["pretrained"]["masked_tokens"] == len(labels) > 50
+    assert stats["mlm_baseline_accuracy"] == pytest.approx(
+        (labels == counts.argmax()).mean(), abs=1e-5)

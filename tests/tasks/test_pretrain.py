@@ -148,3 +148,90 @@ def test_throughput_metrics_include_flops_and_mfu_against_the_stated_peak(tokeni
         assert mfu == pytest.approx(flop_rate / 0.5e12)
     assert all(t > 0 for t in seen["step_time_seconds"])
     assert all(m > 0 for m in seen["peak_memory_mb"])
+
+
+MASKED = {**TINY, "objective": "masked", "max_steps": 400, "val_every_steps": 100,
+          "val_batches": 8, "num_threads": 1}
+
+
+@pytest.fixture(scope="module")
+def masked(tokenized, tmp_path_factory):
+    out = tmp_path_factory.mktemp("encoder")
+    calls = []
+    result = pretrain(PretrainConfig(**MASKED), tokenized, out,
+                      on_metrics=lambda metrics, step: calls.append((step, metrics)))
+    return out, result, calls
+
+
+def test_masked_pretraining_beats_the_most_frequent_token(tokenized, masked):
+    out, result, calls = masked
+    stats = result["stats"]
+    assert stats["mlm_accuracy"] > stats["mlm_baseline_accuracy"] + 0.15
+    assert stats["mlm_accuracy"] > stats["mlm_accuracy_initial"] + 0.2
+    assert stats["mlm_loss"] == stats["val_loss"] < stats["mlm_baseline_loss"] - 0.5
+    assert "val_perplexity" not in stats  # no left-to-right probability: no perplexity
+    assert stats["mlm_masked_tokens"] > 150
+    # validation masks are fixed: the last validation and the final evaluation agree
+    accuracy = [(step, m["val_mlm_accuracy"]) for step, m in calls if "val_mlm_accuracy" in m]
+    val = [(step, m["val_loss"]) for step, m in calls if "val_loss" in m]
+    assert [step for step, _ in accuracy] == [step for step, _ in val] == [100, 200, 300, 400]
+    assert accuracy[-1][1] == pytest.approx(stats["mlm_accuracy"], abs=1e-4)
+    assert val[-1][1] == pytest.approx(stats["mlm_loss"], abs=1e-4)
+
+    model = load_model(out / "model.pt")
+    assert model.config.causal is False
+    config = json.loads((out / "config.json").read_text())
+    meta = json.loads((tokenized / "meta.json").read_text())
+    assert config["objective"] == config["training"]["objective"] == "masked"
+    assert config["masking"]["mask_id"] == meta["mask_id"] == 4
+    assert config["masking"]["mask_rate"] == 0.15 and config["model"]["causal"] is False
+
+
+def test_a_crashed_masked_run_resumes_to_the_same_losses_and_weights(tokenized, tmp_path):
+    from tasks.training import checkpoint_files
+
+    settings = PretrainConfig(**{**MASKED, "max_steps": 30, "val_every_steps": 15,
+                                 "log_every_steps": 1, "checkpoint_every_steps": 10,
+                                 "dropout": 0.1})
+
+    def recorder(into):
+        return lambda metrics, step: into.update(
+            {(step, name): value for name, value in metrics.items()
+             if name in ("train_loss", "val_loss", "val_mlm_accuracy")})
+
+    expected: dict = {}
+    reference = pretrain(settings, tokenized, tmp_path / "reference",
+                         on_metrics=recorder(expected))
+
+    class Crash(Exception):
+        pass
+
+    before: dict = {}
+
+    def crash_at_25(metrics, step):
+        recorder(before)(metrics, step)
+        if step == 25:
+            raise Crash
+
+    with pytest.raises(Crash):
+        pretrain(settings, tokenized, tmp_path / "crashed", on_metrics=crash_at_25)
+    assert [step for step, _ in checkpoint_files(tmp_path / "crashed")] == [10, 20]
+    after: dict = {}
+    resumed = pretrain(settings, tokenized, tmp_path / "crashed", on_metrics=recorder(after))
+    assert resumed["resumed_from_step"] == 20
+    assert sorted({step for step, _ in after}) == list(range(21, 31))
+    for key, value in after.items():  # the masks, dropout and order continue exactly
+        assert value == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
+    assert resumed["stats"]["mlm_accuracy"] == reference["stats"]["mlm_accuracy"]
+    weights = [torch.load(path / "model.pt", weights_only=True)["state_dict"]
+               for path in (tmp_path / "reference", tmp_path / "crashed")]
+    for name, tensor in weights[0].items():
+        assert torch.allclose(tensor, weights[1][name], atol=1e-6), name
+
+
+def test_masking_shares_must_fit_in_the_chosen_tokens():
+    with pytest.raises(ValidationError, match="at most 1"):
+        PretrainConfig(objective="masked", mask_token_ratio=0.8, random_token_ratio=0.3)
+    with pytest.raises(ValidationError):
+        PretrainConfig(mask_rate=0.0)
+    assert PretrainConfig(mask_token_ratio=0.5, random_token_ratio=0.5).objective == "causal"

@@ -124,3 +124,53 @@ def test_tokens_and_documents_are_counted_per_source(tmp_path):
     # a corpus without a source column (the crawl's pages) is counted as the crawl
     crawled = tokenize_corpus(TokenizeConfig(vocab_size=400), tmp_path / "plain", tmp_path / "b")
     assert crawled["stats"]["source.crawl.tokens"] == crawled["count"]
+
+
+def test_the_mask_token_has_an_id_that_text_never_encodes_to(tmp_path):
+    records = make_corpus(tmp_path / "in")
+    for record in records[:20]:  # a literal "<mask>" in the text stays plain text
+        record["text"] += " fill the <mask> here"
+    write_records(records, tmp_path / "in2", shard_size=15)
+    tokenize_corpus(TokenizeConfig(vocab_size=300), tmp_path / "in2", tmp_path / "out")
+    out = tmp_path / "out"
+    meta = json.loads((out / "meta.json").read_text())
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    assert meta["mask_id"] == sp.piece_to_id("<mask>") == 4 and sp.is_control(4)
+    assert {meta[k] for k in ("unk_id", "bos_id", "eos_id", "pad_id")} == {0, 1, 2, 3}
+    assert meta["mask_id"] not in sp.encode("fill the <mask> here")
+    tokens = np.concatenate([np.fromfile(out / f"{side}.bin", dtype=meta["dtype"])
+                             for side in ("train", "val")])
+    assert not (tokens == meta["mask_id"]).any()
+    assert sorted(read_docs(out, "train") + read_docs(out, "val")) == \
+        sorted(r["text"] for r in records)
+
+
+def test_a_tokenizer_without_a_mask_token_falls_back_to_an_unused_special_id(tmp_path, caplog):
+    import logging
+
+    from tasks.tokenize import resolve_mask_id
+
+    make_corpus(tmp_path / "in")
+    text = tmp_path / "lines.txt"
+    text.write_text("\n".join(" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))))
+    # an older tokenizer: the same special ids, no <mask>
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "old"),
+                                   vocab_size=300, byte_fallback=True, unk_id=0, bos_id=1,
+                                   eos_id=2, pad_id=3, minloglevel=2)
+    caplog.set_level(logging.INFO, logger="tasks.tokenize")
+    tokenize_corpus(TokenizeConfig(), tmp_path / "in", tmp_path / "out",
+                    tokenizer=tmp_path / "old.model")
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["mask_id"] == meta["bos_id"] == 1
+    assert "has no <mask> token" in caplog.text and "unused BOS (id 1)" in caplog.text
+    tokens = np.fromfile(tmp_path / "out" / "train.bin", dtype=meta["dtype"])
+    assert not (tokens == 1).any()  # documents are encoded without BOS: it is free
+
+    # a meta.json written before there was a mask_id (an older run)
+    caplog.clear()
+    old = {k: v for k, v in meta.items() if k != "mask_id"}
+    assert resolve_mask_id(old, "the tokenizer in old/") == 1
+    assert "the tokenizer in old/ has no <mask> token" in caplog.text
+    assert resolve_mask_id({**old, "bos_id": -1}) == 3  # no BOS: the PAD id
+    with pytest.raises(StageInputError, match="neither a BOS nor a PAD"):
+        resolve_mask_id({**old, "bos_id": -1, "pad_id": -1})
