@@ -41,6 +41,8 @@ examples:
                                                  data stages' shards on a Dask cluster
   forgeline export --out hf-model                the latest run's model for transformers
   forgeline generate --model models:/forgeline/latest --prompt 'import json'
+  forgeline sweep --param finetune.learning_rate=1e-4,5e-4 --param finetune.weight_decay=0,0.1
+                                                 a 2x2 grid of fine-tuning trials
 """
 
 EXPORT_SOURCES = """sources:
@@ -62,6 +64,33 @@ MODEL_FORMS = """models (--model):
                                      a registered model version
   MLflow URIs and run ids are looked up in $MLFLOW_TRACKING_URI, else in the store of
   --workdir.
+"""
+
+SWEEP_EPILOG = """\
+parameters:
+  --param KEY=V1,V2,...   candidate values of one setting (YAML values, as for --set); a grid
+                          runs every combination, Optuna picks among them
+  --range KEY=LOW:HIGH[:log]
+                          a range for --sampler optuna (integers for integer settings)
+  Settings of tokenize, pretrain, finetune and evaluate can be swept. The data stages and
+  the training stages before the first swept one run once, shared by all trials.
+
+metric (--metric):
+  <stage>.<stat>          a stage's stat, e.g. finetune.val_loss_after (the default),
+                          finetune.val_perplexity_after, evaluate.finetuned_val_perplexity
+  a headline metric       val_perplexity, val_bits_per_byte, finetune_val_loss_after, ...
+
+recorded:
+  one MLflow run for the sweep (tags best_trial_run_id, best.<key>; metric best_objective),
+  one nested run per trial (params: its settings; metric: the objective; tag best_trial),
+  its stage runs nested under it; the trials table and plot under sweep/ and as the
+  Prefect artifact forgeline-sweep.
+
+examples:
+  forgeline sweep --config configs/tiny.yaml --param finetune.learning_rate=1e-4,5e-4 \\
+      --param finetune.weight_decay=0,0.1
+  forgeline sweep --sampler optuna --trials 12 --range finetune.learning_rate=1e-5:1e-3:log \\
+      --param finetune.max_steps=30,60 --metric val_perplexity
 """
 
 STAGE_NAMES = ("crawl", "extract", "filter", "dedup", "pii",
@@ -142,6 +171,43 @@ def build_parser() -> argparse.ArgumentParser:
                           metavar="W", help="whose MLflow store resolves run ids and URIs "
                                             "when $MLFLOW_TRACKING_URI is unset (default: "
                                             "./work)")
+
+    sweep = commands.add_parser(
+        "sweep", help="run a hyperparameter sweep of the training stages",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SWEEP_EPILOG,
+        description="Run trials of the training stages with settings varied by --param "
+                    "(and --range), each a Prefect task run and a nested MLflow run under "
+                    "the sweep's run, at most --max-parallel at a time, and report the "
+                    "best trial by --metric. Every trial's settings are validated before "
+                    "any work starts.")
+    config_args(sweep)
+    sweep.add_argument("--param", dest="params", action="append", default=[],
+                       metavar="KEY=V1,V2", help="a setting and its candidate values; "
+                                                 "repeatable")
+    sweep.add_argument("--range", dest="ranges", action="append", default=[],
+                       metavar="KEY=LOW:HIGH[:log]",
+                       help="a setting and its range (--sampler optuna); repeatable")
+    sweep.add_argument("--sweep-config", metavar="FILE",
+                       help="YAML file of sweep settings (parameters, sampler, trials, metric, "
+                            "direction, max_parallel, seed); the flags here override it")
+    sweep.add_argument("--sampler", choices=("grid", "optuna"), default=None,
+                       help="grid: every combination (default); optuna: --trials trials "
+                            "proposed by Optuna's TPE sampler")
+    sweep.add_argument("--trials", type=int, default=None, metavar="N",
+                       help="trials for --sampler optuna (default 8)")
+    sweep.add_argument("--metric", default=None, metavar="M",
+                       help="what to optimize (default finetune.val_loss_after; see below)")
+    sweep.add_argument("--direction", choices=("minimize", "maximize"), default=None,
+                       help="minimize (default) or maximize the metric")
+    sweep.add_argument("--max-parallel", type=int, default=None, metavar="N",
+                       help="trials running at the same time at most (default 2)")
+    sweep.add_argument("--seed", type=int, default=None, help="seed of Optuna's sampler")
+    sweep.add_argument("--workdir", default=os.environ.get("FORGELINE_WORKDIR", "work"),
+                       metavar="DIR", help="stage outputs, reports and the default MLflow "
+                                           "store (default: ./work, or $FORGELINE_WORKDIR)")
+    sweep.add_argument("--json", action="store_true",
+                       help="end standard output with one JSON line: the sweep's MLflow run "
+                            "id, the best trial and every trial's settings and metric")
 
     show = commands.add_parser(
         "config", help="print the resolved configuration with every setting explained",
@@ -266,6 +332,119 @@ def cmd_run(args) -> int:
     return 0
 
 
+def sweep_settings(args) -> Any:
+    """The SweepConfig of ``forgeline sweep``'s flags (over --sweep-config); raises
+    ConfigError naming the flag or field."""
+    import yaml
+    from pydantic import ValidationError
+
+    from flows.config import ConfigError
+    from flows.sweep import SweepConfig
+
+    data: dict[str, Any] = {}
+    if args.sweep_config:
+        try:
+            with open(args.sweep_config, encoding="utf-8") as fh:
+                data = yaml.safe_load(fh) or {}
+        except OSError as exc:
+            raise ConfigError(f"--sweep-config {args.sweep_config}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--sweep-config {args.sweep_config} is not valid YAML: "
+                              f"{exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"--sweep-config {args.sweep_config} must hold a mapping")
+    parameters = dict(data.get("parameters") or {})
+    for item in args.params:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip() or not raw.strip():
+            raise ConfigError(f"--param {item!r}: expected KEY=V1,V2,... e.g. "
+                              "finetune.learning_rate=1e-4,5e-4")
+        try:
+            values = yaml.safe_load(f"[{raw}]")
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--param {key}: {raw!r} is not a YAML list of values "
+                              f"({exc})") from None
+        parameters[key.strip()] = values
+    for item in args.ranges:
+        key, sep, raw = item.partition("=")
+        parts = raw.split(":")
+        try:
+            if not sep or len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "log"):
+                raise ValueError
+            ends = [int(p) if p.strip().lstrip("+-").isdigit() else float(p)
+                    for p in parts[:2]]
+        except ValueError:
+            raise ConfigError(f"--range {item!r}: expected KEY=LOW:HIGH or KEY=LOW:HIGH:log, "
+                              "e.g. finetune.learning_rate=1e-5:1e-3:log") from None
+        parameters[key.strip()] = {"low": ends[0], "high": ends[1], "log": len(parts) == 3}
+    data["parameters"] = parameters
+    for name in ("sampler", "trials", "metric", "direction", "max_parallel", "seed"):
+        if getattr(args, name) is not None:
+            data[name] = getattr(args, name)
+    try:
+        return SweepConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error["loc"]) or "sweep"
+            problems.append(f"  {where}: {error['msg'].removeprefix('Value error, ')}")
+        raise ConfigError("invalid sweep settings:\n" + "\n".join(problems)) from None
+
+
+def cmd_sweep(args) -> int:
+    from flows.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, args.overrides)
+        settings = sweep_settings(args)
+        from flows.sweep import plan_sweep
+
+        plan_sweep(config, settings)  # every trial's settings, before any work
+    except ConfigError as exc:
+        return _fail(str(exc), 2)
+
+    from flows.sweep import sweep_flow
+    from tasks.stage import StageInputError
+    from tasks.training import TrainingInterrupted
+
+    install_log_redaction()
+    started = time.perf_counter()
+    try:
+        result = sweep_flow(config=config, sweep=settings, workdir=args.workdir)
+    except (StageInputError, ConfigError) as exc:
+        _stop_temporary_prefect_server()
+        return _fail(str(exc), 2)
+    except KeyboardInterrupt:
+        return _fail("interrupted; finished stages are kept and will be reused", 130)
+    except TrainingInterrupted as exc:
+        _stop_temporary_prefect_server()
+        return _fail(f"{exc}; finished stages are kept and will be reused", 130)
+    except Exception as exc:  # noqa: BLE001 - shown as Python would (exit code 1), masked
+        _stop_temporary_prefect_server()
+        sys.stderr.write(redact_secrets("".join(traceback.format_exception(exc))))
+        return 1
+    _stop_temporary_prefect_server()
+    out = sys.stderr if args.json else sys.stdout
+    keys = list(settings.parameters)
+    print(f"sweep of {len(result['trials'])} trials, {result['metric']} "
+          f"({result['direction']}):", file=out)
+    for trial in result["trials"]:
+        value = "failed" if trial["value"] is None else f"{trial['value']:.5g}"
+        mark = "  <- best" if trial["number"] == result["best"]["number"] else ""
+        shown = ", ".join(f"{k}={trial['overrides'][k]}" for k in keys)
+        print(f"  trial {trial['number']:>3}: {shown}: {value}{mark}", file=out)
+    print(f"best trial MLflow run: {result['best']['run_id']}", file=out)
+    print(f"sweep MLflow run: {result['mlflow_run_id']} in {result['tracking_uri']}", file=out)
+    print(f"report: {result['report']}", file=out)
+    print(f"total time: {time.perf_counter() - started:.1f}s", file=out)
+    if args.json:
+        sys.stdout.flush()
+        print(json.dumps(redact_secrets({k: result[k] for k in (
+            "mlflow_run_id", "metric", "direction", "best", "trials", "report")}),
+            default=str))
+    return 0
+
+
 def cmd_export(args) -> int:
     from flows.model_registry import ModelReferenceError
     from flows.model_tools import export
@@ -319,7 +498,7 @@ def cmd_generate(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"run": cmd_run, "config": cmd_config, "export": cmd_export,
-                "generate": cmd_generate}
+                "generate": cmd_generate, "sweep": cmd_sweep}
     return commands[args.command](args)
 
 
