@@ -249,11 +249,30 @@ def print_summary(result: dict[str, Any], seconds: float, stream=None) -> None:
               "finetune_train_loss_first": "fine-tune train loss, first",
               "finetune_train_loss_final": "fine-tune train loss, final",
               "finetune_val_loss_before": "fine-tune held-out loss, before",
-              "finetune_val_loss_after": "fine-tune held-out loss, after"}
+              "finetune_val_loss_after": "fine-tune held-out loss, after",
+              "mlm_accuracy": "masked-token accuracy",
+              "mlm_baseline_accuracy": "most-frequent-token accuracy",
+              "dpo_preference_accuracy_before": "preference accuracy, before DPO",
+              "dpo_preference_accuracy": "preference accuracy, after DPO",
+              "classify_accuracy": "classification accuracy",
+              "classify_macro_f1": "classification macro-F1",
+              "classify_majority_accuracy": "majority-class accuracy",
+              "ner_f1": "NER entity F1",
+              "ner_untuned_f1": "NER entity F1, untuned"}
+    labels.update({key: f"few-shot accuracy, k={key.rsplit('k', 1)[1]}"
+                   for key in sorted(result["metrics"], key=lambda k: (len(k), k))
+                   if key.startswith("fewshot_accuracy_k")})
     for key, label in labels.items():
         if key in result["metrics"]:
             value = result["metrics"][key]
             console.print(f"{label:>32}: " + (f"{value:,.0f}" if key == "tokens" else f"{value:.4f}"))
+    champion = result.get("champion")
+    if champion:
+        scores = f"challenger {champion['challenger_score']:.4f}" + (
+            f" vs champion {champion['champion_score']:.4f}"
+            if champion.get("champion_score") is not None else "")
+        console.print(f"{'champion decision':>32}: {champion['decision']} "
+                      f"({champion['metric']}: {scores})")
     console.print(f"{'data report':>32}: {result['data_report']}")
     console.print(f"{'MLflow run':>32}: {result['mlflow_run_id']}")
     if result.get("registered_model"):

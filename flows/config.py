@@ -19,12 +19,19 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from flows.champion import ChampionConfig
+from tasks.classify import ClassifyConfig
 from tasks.crawl import CrawlConfig
 from tasks.dedup import DedupConfig
+from tasks.domain import DomainConfig
+from tasks.dpo import DpoConfig
 from tasks.evaluate import EvaluateConfig
 from tasks.extract import ExtractConfig
+from tasks.fewshot import FewshotConfig
 from tasks.filter import FilterConfig
 from tasks.finetune import FinetuneConfig
+from tasks.lm_eval_adapter import LmEvalConfig
+from tasks.ner import NerConfig
 from tasks.pii import PiiConfig
 from tasks.pretrain import PretrainConfig
 from tasks.redact import redact_secrets
@@ -126,13 +133,56 @@ class PipelineConfig(BaseModel):
         default_factory=TokenizeConfig, description="BPE tokenizer training and token shards.")
     pretrain: PretrainConfig = Field(
         default_factory=PretrainConfig, description="Self-supervised pretraining of the decoder.")
+    domain: DomainConfig = Field(
+        default_factory=DomainConfig,
+        description="Domain-specific fine-tuning: continued next-token training on a chosen "
+                    "subset of the corpus (by source, URL pattern or language), before the "
+                    "other fine-tuning modes.")
     finetune: FinetuneConfig = Field(
-        default_factory=FinetuneConfig, description="Supervised fine-tuning on prompt/response pairs.")
+        default_factory=FinetuneConfig,
+        description="Supervised fine-tuning on prompt/response pairs (full, LoRA or prompt "
+                    "tuning).")
+    dpo: DpoConfig = Field(
+        default_factory=DpoConfig,
+        description="Preference optimisation (DPO) on chosen/rejected pairs, given or derived "
+                    "with hard (adversarial) negatives; after supervised fine-tuning.")
+    classify: ClassifyConfig = Field(
+        default_factory=ClassifyConfig,
+        description="Text classification: a head on the pretrained model, tuned on labelled "
+                    "passages (given, or derived from the corpus); accuracy and macro-F1.")
+    ner: NerConfig = Field(
+        default_factory=NerConfig,
+        description="Named-entity recognition (BIO tags): a token-classification head on the "
+                    "pretrained model; entity-level precision, recall and F1.")
     evaluate: EvaluateConfig = Field(
         default_factory=EvaluateConfig, description="Perplexity, bits per byte, baseline, samples.")
+    fewshot: FewshotConfig = Field(
+        default_factory=FewshotConfig,
+        description="Few-shot evaluation: multiple-choice questions scored by log-likelihood "
+                    "with k solved examples in the prompt, for each k.")
+    lm_eval: LmEvalConfig = Field(
+        default_factory=LmEvalConfig,
+        description="EleutherAI's lm-evaluation-harness on the final model, through "
+                    "forgeline's LM adapter.")
     registry: RegistryConfig = Field(
         default_factory=RegistryConfig,
         description="The final model logged as an MLflow model and registered by name.")
+    champion: ChampionConfig = Field(
+        default_factory=ChampionConfig,
+        description="Champion and challenger: the registered model takes the champion alias "
+                    "only when it beats the current champion on the same held-out data.")
+
+    @model_validator(mode="after")
+    def _generative_modes_need_a_decoder(self) -> PipelineConfig:
+        if self.pretrain.objective != "masked" or self.pretrain.init_from:
+            return self
+        wanted = [name for name in ("domain", "dpo", "lm_eval") if getattr(self, name).enabled]
+        if wanted:
+            raise ValueError(f"pretrain.objective is 'masked' (an encoder, which does not "
+                             f"generate text), but {', '.join(n + '.enabled' for n in wanted)} "
+                             "needs a next-token model: set pretrain.objective=causal, or "
+                             "switch " + " and ".join(wanted) + " off")
+        return self
 
     @model_validator(mode="after")
     def _one_source(self) -> PipelineConfig:

@@ -541,7 +541,7 @@ def _from_run(client: MlflowClient, tracking_uri: str, run_id: str, path: str, d
         return _fetch(client, tracking_uri, models[0].artifact_location, ref, dest)
     if _has_model_files(client, run_id):
         return _download_run_files(client, run_id, dest, ref)
-    for stage in ("finetune", "pretrain"):  # a pipeline run logged without a model
+    for stage in ("dpo", "finetune", "domain", "pretrain"):  # a run logged without a model
         children = client.search_runs(
             [run.info.experiment_id],
             filter_string=f"tags.`mlflow.parentRunId` = '{run_id}' and "
@@ -551,7 +551,8 @@ def _from_run(client: MlflowClient, tracking_uri: str, run_id: str, path: str, d
             return _download_run_files(client, children[0].info.run_id, dest, ref)
     raise ModelReferenceError(
         f"run {run_id} holds no model: no logged MLflow model, no {', '.join(MODEL_FILES)} "
-        "among its artifacts, and no finished finetune or pretrain stage run under it")
+        "among its artifacts, and no finished dpo, finetune, domain or pretrain stage run "
+        "under it")
 
 
 def _has_model_files(client: MlflowClient, run_id: str) -> bool:

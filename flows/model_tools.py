@@ -28,7 +28,7 @@ from tasks.shards import file_sha256
 
 log = logging.getLogger(__name__)
 
-TRAINING_STAGES = ("finetune", "pretrain")  # the final model first
+TRAINING_STAGES = ("dpo", "finetune", "domain", "pretrain")  # the final model first
 
 
 def latest_model_run(workdir: str | os.PathLike) -> str:
@@ -51,6 +51,8 @@ def latest_model_run(workdir: str | os.PathLike) -> str:
         if not parent_id:
             continue
         parent = client.get_run(parent_id)
+        if parent.data.tags.get("forgeline.kind", "pipeline") != "pipeline":
+            continue  # a sweep's trial: its model is not a pipeline run's final one
         if parent.data.tags.get("forgeline.workdir", work) == work:
             return parent_id
     raise ModelReferenceError(f"no pipeline run in {work} has finished training (looked in "

@@ -1,4 +1,5 @@
-"""The forgeline pipeline: a Prefect flow of three subflows (data, train, evaluate).
+"""The forgeline pipeline: a Prefect flow of three subflows (data, train, evaluate), then
+the registration of the final model and the champion/challenger decision.
 
 Every stage output lives in a directory keyed by its config and inputs, so a rerun of
 the flow (or a Prefect retry of a failed flow run) reuses each finished stage and
@@ -16,6 +17,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 
 from flows import forward_stage_logs
+from flows.champion import run_champion
 from flows.config import DATA_STAGES, STAGES, PipelineConfig, StageName, config_yaml, flatten
 from flows.engine import api_url_for_workers, describe, task_runner
 from flows.model_registry import log_and_register
@@ -25,9 +27,15 @@ from flows.stages import (
     DATA_STAGE_TASKS,
     Manifest,
     RunContext,
+    classify_stage,
     crawl_stage,
+    domain_stage,
+    dpo_stage,
     evaluate_stage,
+    fewshot_stage,
     finetune_stage,
+    lm_eval_stage,
+    ner_stage,
     pretrain_stage,
     tokenize_stage,
 )
@@ -66,12 +74,29 @@ def data_flow(config: PipelineConfig, ctx: RunContext,
     return manifests
 
 
+GENERATIVE_MODES = ("domain", "finetune", "dpo")  # each continues the one before
+
+
+def final_model(stages: dict[str, Manifest]) -> str | None:
+    """The stage whose model is the run's final one: the last generative mode that ran."""
+    return next((name for name in (*GENERATIVE_MODES[::-1], "pretrain")
+                 if name in stages and not stages[name].get("skipped")), None)
+
+
+def _is_encoder(config: PipelineConfig) -> bool:
+    return config.pretrain.objective == "masked" and not config.pretrain.init_from
+
+
 @flow(name="forgeline-train")
 def train_flow(config: PipelineConfig, ctx: RunContext, corpus: Manifest,
                until: StageName | None = None) -> dict[str, Manifest]:
-    """tokenize -> pretrain -> finetune. Tokenize encodes each shard as a task run on this
-    flow's task runner (``execution``); training runs in this process."""
+    """tokenize -> pretrain -> fine-tuning: domain (continued pretraining on a subset) ->
+    finetune (prompt/response) -> dpo (preferences), each building on the model before it;
+    classify and ner put task heads on the pretrained (or domain-tuned) model. Tokenize
+    encodes each shard as a task run on this flow's task runner (``execution``); training
+    runs in this process."""
     forward_stage_logs()
+    logger = get_run_logger()
     init = None
     if config.pretrain.init_from:  # continued pretraining: its model and tokenizer
         tracker = Tracker(ctx.tracking_uri.get_secret_value(), ctx.experiment)
@@ -86,19 +111,47 @@ def train_flow(config: PipelineConfig, ctx: RunContext, corpus: Manifest,
     if _reached("pretrain", until):
         return out
     out["pretrain"] = pretrain_stage(config, out["tokenize"], ctx, init)
-    if _reached("finetune", until) or not config.finetune.enabled:
+    if _reached("finetune", until):
         return out
-    out["finetune"] = finetune_stage(config, out["tokenize"], out["pretrain"], corpus, ctx)
+    tokens, model = out["tokenize"], out["pretrain"]
+    for name in GENERATIVE_MODES:
+        section = getattr(config, name)
+        if not section.enabled:
+            continue
+        if _is_encoder(config):
+            logger.info("%s: skipped, the masked-LM encoder does not generate text "
+                        "(pretrain.objective=masked)", name)
+            continue
+        stage = {"domain": domain_stage, "finetune": finetune_stage, "dpo": dpo_stage}[name]
+        out[name] = model = stage(section, tokens, model, corpus, ctx)
+    backbone = out.get("domain", out["pretrain"])
+    for name, stage in (("classify", classify_stage), ("ner", ner_stage)):
+        if getattr(config, name).enabled:
+            out[name] = stage(getattr(config, name), tokens, backbone, corpus, ctx)
     return out
 
 
 @flow(name="forgeline-evaluate")
-def evaluate_flow(config: PipelineConfig, ctx: RunContext,
-                  trained: dict[str, Manifest]) -> dict[str, Manifest]:
-    """Perplexity and bits per byte against a unigram baseline, and samples."""
+def evaluate_flow(config: PipelineConfig, ctx: RunContext, trained: dict[str, Manifest],
+                  corpus: Manifest) -> dict[str, Manifest]:
+    """Perplexity and bits per byte against a unigram baseline, and samples; few-shot
+    accuracy for each k; lm-evaluation-harness tasks when configured."""
     forward_stage_logs()
-    return {"evaluate": evaluate_stage(config, trained["tokenize"], trained["pretrain"],
-                                       trained.get("finetune"), ctx)}
+    logger = get_run_logger()
+    final = final_model(trained)
+    tuned = trained[final] if final not in (None, "pretrain") else None
+    out = {"evaluate": evaluate_stage(config, trained["tokenize"], trained["pretrain"],
+                                      tuned, ctx)}
+    if _is_encoder(config):
+        if config.fewshot.enabled:
+            logger.info("fewshot: skipped, the masked-LM encoder does not score continuations "
+                        "(pretrain.objective=masked)")
+        return out
+    if config.fewshot.enabled:
+        out["fewshot"] = fewshot_stage(config, trained["tokenize"], trained[final], corpus, ctx)
+    if config.lm_eval.enabled:
+        out["lm_eval"] = lm_eval_stage(config, trained[final], out.get("fewshot"), ctx)
+    return out
 
 
 def _stage_summary(manifest: Manifest) -> dict[str, Any]:
@@ -119,6 +172,11 @@ HEADLINE = {  # parent-run metric -> (stage, stat)
     "finetune_val_loss_after": ("finetune", "val_loss_after"),
     "pretrain_val_loss": ("pretrain", "val_loss"),
 }
+# every stat of these stages that starts with the prefix is a headline metric, as it is
+# named (classify_accuracy, ner_f1, fewshot_accuracy_k0, dpo_preference_accuracy, ...)
+TASK_METRIC_PREFIXES = {"pretrain": "mlm_", "domain": "domain_", "classify": "classify_",
+                        "ner": "ner_", "dpo": "dpo_", "fewshot": "fewshot_",
+                        "lm_eval": "lm_eval_"}
 
 
 def headline_metrics(stages: dict[str, Manifest]) -> dict[str, float]:
@@ -130,13 +188,19 @@ def headline_metrics(stages: dict[str, Manifest]) -> dict[str, float]:
         value = stages.get(stage, {}).get("stats", {}).get(stat)
         if value is not None:
             metrics[name] = value
+    for stage, prefix in TASK_METRIC_PREFIXES.items():
+        for stat, value in stages.get(stage, {}).get("stats", {}).items():
+            if stat.startswith(prefix) and isinstance(value, (int, float)) \
+                    and not isinstance(value, bool):
+                metrics[stat] = value
     return metrics
 
 
 def _log_run_artifacts(tracker: Tracker, run_id: str, stages: dict[str, Manifest]) -> None:
     """The parent run carries what people open first: tokenizer, checkpoint, reports."""
     wanted = {"tokenize": ("tokenizer_model",), "pretrain": ("model", "loss_curve"),
-              "finetune": ("model", "loss_curve"), "evaluate": ("eval_report", "samples")}
+              "finetune": ("model", "loss_curve"), "dpo": ("model", "loss_curve"),
+              "evaluate": ("eval_report", "samples")}
     for stage, names in wanted.items():
         artifacts = stages.get(stage, {}).get("artifacts", {})
         for name in names:
@@ -147,8 +211,8 @@ def _log_run_artifacts(tracker: Tracker, run_id: str, stages: dict[str, Manifest
 def register_final_model(config: PipelineConfig, uri: str, parent_id: str,
                          stages: dict[str, Manifest], metrics: dict[str, float]
                          ) -> dict[str, Any] | None:
-    """Log the final model (fine-tuned if fine-tuning ran, else pretrained) on the
-    pipeline's MLflow run as an MLflow model and register it as a new version of
+    """Log the final model (the last of dpo, finetune and domain that ran, else the
+    pretrained one) on the pipeline's MLflow run as an MLflow model and register it as a new version of
     ``registry.model_name``, with the headline metrics. None when no training ran or
     ``registry.enabled`` is false.
 
@@ -156,10 +220,13 @@ def register_final_model(config: PipelineConfig, uri: str, parent_id: str,
     own (its tags name the stage run the weights come from); a retry of the same flow run
     reuses the version its earlier attempt registered."""
     logger = get_run_logger()
-    candidates = ("finetune", "pretrain") if config.registry.stage == "final" else ("pretrain",)
-    stage = next((name for name in candidates
-                  if name in stages and not stages[name].get("skipped")), None)
+    stage = final_model(stages) if config.registry.stage == "final" else \
+        ("pretrain" if "pretrain" in stages else None)
     if stage is None:
+        return None
+    if _is_encoder(config):
+        logger.info("the masked-LM encoder is not registered: the registry holds models "
+                    "that generate text (pretrain.objective=causal)")
         return None
     if not config.registry.enabled:
         logger.info("registry.enabled is false: the %s model is not logged to MLflow's "
@@ -176,12 +243,44 @@ def register_final_model(config: PipelineConfig, uri: str, parent_id: str,
         logger.error("logging the %s model to MLflow failed (%s); registry.enabled=false "
                      "skips this step", stage, type(exc).__name__)
         raise
-    label = "fine-tuned" if stage == "finetune" else "pretrained"
+    label = {"finetune": "fine-tuned", "dpo": "preference-tuned",
+             "domain": "domain-tuned"}.get(stage, "pretrained")
     logger.info("registered model %s version %s (%s), the %s model%s", registered.name,
                 registered.version, registered.model_uri, label,
                 "; the version registered by an earlier attempt of this run"
                 if registered.reused else "")
     return registered.to_dict()
+
+
+def evaluation_report(stages: dict[str, Manifest], decision, reports: Path) -> dict[str, Path]:
+    """Every evaluation metric of the run in one Markdown report with plots (also a Prefect
+    artifact): language modelling, classification, NER, few-shot, DPO, masked LM,
+    lm-evaluation-harness and the champion decision."""
+    from tasks.eval_report import write_eval_report
+
+    sections: dict[str, dict] = {}
+    language = dict(stages["evaluate"].get("stats", {}))
+    if language:
+        sections["language_model"] = language
+    for name in ("classify", "ner", "fewshot", "dpo", "lm_eval", "domain"):
+        if name in stages and not stages[name].get("skipped"):
+            section = dict(stages[name].get("stats", {}))
+            images = {k: v for k, v in stages[name].get("artifacts", {}).items()
+                      if str(v).endswith(".png") and k != "loss_curve"}
+            if images:
+                section["images"] = images
+            sections[name] = section
+    mlm = {k: v for k, v in stages.get("pretrain", {}).get("stats", {}).items()
+           if k.startswith("mlm_")}
+    if mlm:
+        sections["mlm"] = mlm
+    if decision is not None:
+        sections["champion"] = decision.to_dict()
+    written = write_eval_report(sections, reports / "evaluation")
+    report = next(p for p in written.values() if str(p).endswith(".md"))
+    create_markdown_artifact(markdown=Path(report).read_text(encoding="utf-8"),
+                             key="evaluation-report", description="forgeline evaluation report")
+    return written
 
 
 def _summary_markdown(result: dict[str, Any], ui: str, run_url: str | None) -> str:
@@ -201,6 +300,9 @@ def _summary_markdown(result: dict[str, Any], ui: str, run_url: str | None) -> s
         registered = result["registered_model"]
         lines += ["", (f"Registered model: `{registered['model_uri']}` "
                        f"(from the {registered['stage']} stage)")]
+    if result.get("champion"):
+        champion = result["champion"]
+        lines += ["", f"Champion decision: **{champion['decision']}**"]
     return "\n".join(lines)
 
 
@@ -250,18 +352,34 @@ def pipeline(config: PipelineConfig = PipelineConfig(),  # noqa: B008 (the UI fo
                 stages.update(train_flow.with_options(task_runner=task_runner(
                     config.execution))(config, ctx, corpus, until))
         if not _reached("evaluate", until):
-            stages.update(evaluate_flow(config, ctx, stages))
+            stages.update(evaluate_flow(config, ctx, stages, corpus))
         metrics = headline_metrics(stages)
         tracker.log_metrics(parent_id, metrics)
         registered = register_final_model(config, uri, parent_id, stages, metrics)
+        decision = None
         if registered:
             tracker.set_tags(parent_id, {"forgeline.registered_model": registered["model_uri"]})
+            if config.champion.enabled and "evaluate" in stages:
+                # both models scored on this run's held-out documents, each with its tokenizer
+                decision = run_champion(
+                    config.champion, tracker, parent_id, registered,
+                    model_dir=stages[registered["stage"]]["output"],
+                    tokenized_dir=stages["tokenize"]["output"], corpus_dir=corpus["output"])
+            if decision is not None:
+                metrics.update({k: v for k, v in (("champion_score", decision.champion_score),
+                                                  ("challenger_score", decision.challenger_score))
+                                if v is not None})
+        if "evaluate" in stages:
+            evaluation = evaluation_report(stages, decision, reports)
+            for path in evaluation.values():
+                tracker.log_artifact(parent_id, path, artifact_path="eval_report")
         tracker.set_tags(parent_id, {"forgeline.reused_stages": ",".join(
             n for n, m in stages.items() if m.get("reused"))})
         _log_run_artifacts(tracker, parent_id, stages)
         result = {"mlflow_run_id": parent_id, "tracking_uri": display_uri(uri), "workdir": str(work),
                   "data_report": str(report["report"]), "metrics": metrics,
                   "registered_model": registered,
+                  "champion": decision.to_dict() if decision else None,
                   "stages": {n: _stage_summary(m) for n, m in stages.items()}}
         ui = ui_command(uri, work)
         run_url = tracker.run_url(parent_id)

@@ -17,15 +17,22 @@ from pydantic import BaseModel, SecretStr
 
 import models
 import tasks.charset
+import tasks.classify
 import tasks.crawl
 import tasks.dedup
 import tasks.docserver
+import tasks.domain
+import tasks.dpo
 import tasks.evaluate
 import tasks.extract
+import tasks.fewshot
 import tasks.filter
 import tasks.finetune
+import tasks.labelled
 import tasks.launch
+import tasks.lm_eval_adapter
 import tasks.minhash
+import tasks.ner
 import tasks.pii
 import tasks.pii_engine
 import tasks.pretrain
@@ -55,7 +62,7 @@ class RunContext(BaseModel):
 
 
 # Stages whose MLflow runs also get MLflow's system metrics (CPU, memory, GPU).
-TRAINING_STAGES = frozenset({"pretrain", "finetune"})
+TRAINING_STAGES = frozenset({"pretrain", "domain", "finetune", "dpo", "classify", "ner"})
 
 # Reading sources (files, archives, datasets) instead of, or besides, crawling.
 SOURCE_LIBRARIES = ("fastwarc", "charset-normalizer", "datasets", "pyarrow")
@@ -64,7 +71,13 @@ STAGE_LIBRARIES = {
     "crawl": ("httpx", "httpcore", "lxml", "warcio", "charset-normalizer", "protego"), "extract": ("trafilatura", "lxml"), "filter": ("py3langid",),
     "dedup": ("datasketch", "pyarrow", "pandas"), "pii": ("presidio-analyzer", "presidio-anonymizer", "spacy"),
     "tokenize": ("sentencepiece",), "pretrain": ("torch", "lightning"),
-    "finetune": ("torch", "lightning", "sentencepiece"), "evaluate": ("torch", "sentencepiece"),
+    "domain": ("torch", "lightning", "sentencepiece", "peft"),
+    "finetune": ("torch", "lightning", "sentencepiece", "peft"),
+    "dpo": ("torch", "lightning", "sentencepiece", "peft", "scipy"),
+    "classify": ("torch", "lightning", "sentencepiece", "datasets", "scikit-learn"),
+    "ner": ("torch", "lightning", "sentencepiece", "datasets", "seqeval"),
+    "evaluate": ("torch", "sentencepiece"), "fewshot": ("torch", "sentencepiece"),
+    "lm_eval": ("torch", "sentencepiece", "lm_eval"),
 }
 
 
@@ -82,13 +95,16 @@ def run_tracked(ctx: RunContext, stage: str, section: BaseModel | None,
                 build: Callable[[Path, Callable | None], dict], *, inputs: list[Manifest] = (),
                 code: list = (), extra_key: dict | None = None,
                 resumable: bool = False, tags: dict[str, str] | None = None,
-                libraries: tuple[str, ...] | None = None) -> Manifest:
+                libraries: tuple[str, ...] | None = None,
+                record: Callable[[Tracker, str, Manifest], None] | None = None) -> Manifest:
     """Run one stage (or reuse its finished output) inside a nested MLflow run.
 
     The output is keyed by the stage's settings, its inputs, ``code`` (plus the shard
     writer), ``extra_key`` and the versions of the libraries that compute it
     (``libraries``, default ``STAGE_LIBRARIES[stage]``). A
-    ``resumable`` stage keeps its finished shards when it fails or is killed."""
+    ``resumable`` stage keeps its finished shards when it fails or is killed. ``record``
+    (tracker, stage run id, manifest) logs more to a newly recorded stage run (nested runs
+    of cross-validation folds, say) before it is finished."""
     logger = get_run_logger()
     code = [*code, tasks.shards, tasks.shard_runner]
     libraries = STAGE_LIBRARIES[stage] if libraries is None else libraries
@@ -123,6 +139,8 @@ def run_tracked(ctx: RunContext, stage: str, section: BaseModel | None,
     tracker.log_artifact(run_id, Path(manifest["dir"]) / "manifest.json")
     for path in manifest["artifacts"].values():
         tracker.log_artifact(run_id, path)
+    if record is not None:
+        record(tracker, run_id, manifest)
     tracker.finish(run_id)
     return {**manifest, "mlflow_run_id": run_id}
 
@@ -256,24 +274,78 @@ def pretrain_stage(config: PipelineConfig, tokens: Manifest, ctx: RunContext,
         resumable=True)
 
 
-@task(name="finetune", **RETRIES)
-def finetune_stage(config: PipelineConfig, tokens: Manifest, pretrained: Manifest,
-                   corpus: Manifest, ctx: RunContext) -> Manifest:
-    extra = {"data": _fingerprint([config.finetune.data_path])} if config.finetune.data_path \
-        else None
-    return run_tracked(
-        ctx, "finetune", config.finetune,
-        lambda out, on_metrics: tasks.finetune.finetune(
-            config.finetune, Path(tokens["output"]), Path(pretrained["output"]),
-            Path(corpus["output"]), out, on_metrics=on_metrics),
-        inputs=[tokens, pretrained, corpus], resumable=True,
-        code=[tasks.finetune, tasks.tokenize, tasks.training, tasks.launch, *MODEL_CODE],
-        extra_key=extra)
+TRAINING_CODE = [tasks.training, tasks.launch, *MODEL_CODE]
+
+
+def _labelled_key(section: BaseModel) -> dict | None:
+    """Local labelled data (files, a saved dataset) changes the output without a change of
+    settings: their names, sizes and times are in the key."""
+    paths = [getattr(section, name, None) for name in ("data_path", "dataset")]
+    local = [p for p in paths if p and Path(p).expanduser().exists()]
+    return {"data": _fingerprint(local)} if local else None
+
+
+def _model_stage(name: str, core: Callable, modules: list, *, with_corpus: bool = True,
+                 resumable: bool = True,
+                 record: Callable[[Tracker, str, Manifest], None] | None = None) -> Callable:
+    """A training or scoring stage on a model directory (``model``: the output of an
+    earlier training stage), the run's tokens and, when ``with_corpus``, the corpus."""
+    def stage(section: BaseModel, tokens: Manifest, model: Manifest, corpus: Manifest,
+              ctx: RunContext) -> Manifest:
+        inputs = [tokens, model] + ([corpus] if with_corpus else [])
+        return run_tracked(
+            ctx, name, section,
+            lambda out, on_metrics: core(section, Path(tokens["output"]), Path(model["output"]),
+                                         Path(corpus["output"]), out, on_metrics=on_metrics),
+            inputs=inputs, resumable=resumable, code=[*modules, *TRAINING_CODE],
+            extra_key=_labelled_key(section), record=record)
+    stage.__name__ = f"{name}_stage"
+    stage.__doc__ = core.__doc__
+    return task(name=name, **RETRIES)(stage)
+
+
+def record_folds(tracker: Tracker, run_id: str, manifest: Manifest) -> None:
+    """Each cross-validation fold as a run nested in the stage's run, with its metrics and
+    artifacts (confusion matrix, ...)."""
+    folds = manifest.get("info", {}).get("folds") or []
+    if len(folds) < 2:
+        return
+    stage = tracker.client.get_run(run_id).data.tags.get("forgeline.stage", "stage")
+    for fold in folds:
+        number = fold.get("fold")
+        child = tracker.start_stage(run_id, f"{stage}-fold-{number}", {"fold": number},
+                                    tags={"forgeline.fold": str(number),
+                                          "forgeline.folds": str(len(folds))})
+        tracker.log_metrics(child, fold.get("metrics", {}))
+        for path in (fold.get("artifacts") or {}).values():
+            where = Path(manifest["dir"]) / fold.get("dir", "") / path
+            tracker.log_artifact(child, where if where.exists() else Path(manifest["dir"]) / path)
+        tracker.finish(child)
+
+
+def _finetune_core(section, tokens_dir, model_dir, corpus_dir, out, on_metrics=None):
+    return tasks.finetune.finetune(section, tokens_dir, model_dir, corpus_dir, out,
+                                   on_metrics=on_metrics)
+
+
+_finetune_core.__doc__ = tasks.finetune.finetune.__doc__
+domain_stage = _model_stage("domain", tasks.domain.domain_finetune, [tasks.domain,
+                                                                     tasks.tokenize])
+finetune_stage = _model_stage("finetune", _finetune_core, [tasks.finetune, tasks.tokenize])
+dpo_stage = _model_stage("dpo", tasks.dpo.dpo, [tasks.dpo, tasks.finetune, tasks.tokenize])
+classify_stage = _model_stage("classify", tasks.classify.classify,
+                              [tasks.classify, tasks.labelled, tasks.finetune,
+                               tasks.tokenize],
+                              record=record_folds)
+ner_stage = _model_stage("ner", tasks.ner.ner, [tasks.ner, tasks.classify, tasks.labelled,
+                                                tasks.finetune, tasks.tokenize],
+                         record=record_folds)
 
 
 @task(name="evaluate", retries=1, **RETRIES)
 def evaluate_stage(config: PipelineConfig, tokens: Manifest, pretrained: Manifest,
                    finetuned: Manifest | None, ctx: RunContext) -> Manifest:
+    """Perplexity and bits per byte of the pretrained and the final model, samples."""
     inputs = [tokens, pretrained] + ([finetuned] if finetuned else [])
     return run_tracked(
         ctx, "evaluate", config.evaluate,
@@ -281,6 +353,36 @@ def evaluate_stage(config: PipelineConfig, tokens: Manifest, pretrained: Manifes
             config.evaluate, Path(tokens["output"]), Path(pretrained["output"]),
             Path(finetuned["output"]) if finetuned else None, out),
         inputs=inputs, code=[tasks.evaluate, *MODEL_CODE])
+
+
+@task(name="fewshot", retries=1, **RETRIES)
+def fewshot_stage(config: PipelineConfig, tokens: Manifest, model: Manifest, corpus: Manifest,
+                  ctx: RunContext) -> Manifest:
+    """Multiple-choice accuracy with k = 0 and k > 0 solved examples in the prompt."""
+    section = config.fewshot
+    return run_tracked(
+        ctx, "fewshot", section,
+        lambda out, _: tasks.fewshot.fewshot(section, Path(tokens["output"]),
+                                             Path(model["output"]), Path(corpus["output"]), out),
+        inputs=[tokens, model, corpus], code=[tasks.fewshot, tasks.tokenize, *MODEL_CODE],
+        extra_key=_labelled_key(section))
+
+
+@task(name="lm_eval", retries=1, **RETRIES)
+def lm_eval_stage(config: PipelineConfig, model: Manifest, fewshot: Manifest | None,
+                  ctx: RunContext) -> Manifest:
+    """lm-evaluation-harness tasks on the final model, through forgeline's adapter; the task
+    forgeline_fewshot is the few-shot stage's questions, run offline."""
+    section = config.lm_eval
+    include = [section.include_path] if section.include_path else []
+    return run_tracked(
+        ctx, "lm_eval", section,
+        lambda out, on_metrics: tasks.lm_eval_adapter.lm_eval_stage(
+            section, Path(model["output"]), out,
+            fewshot_dir=Path(fewshot["output"]) if fewshot else None, on_metrics=on_metrics),
+        inputs=[model] + ([fewshot] if fewshot else []),
+        code=[tasks.lm_eval_adapter, tasks.fewshot, *MODEL_CODE],
+        extra_key={"tasks": _fingerprint(include)} if include else None)
 
 
 DATA_STAGE_TASKS = {"extract": extract_stage, "filter": filter_stage,

@@ -60,7 +60,9 @@ from flows.stages import Manifest, RunContext
 log = logging.getLogger(__name__)
 
 # The stages a trial may run, in order; the data stages run once for all trials.
-TRIAL_STAGES = ("tokenize", "pretrain", "finetune", "evaluate")
+TRIAL_STAGES = ("tokenize", "pretrain", "domain", "finetune", "dpo", "classify", "ner",
+                "evaluate", "fewshot")
+LEAVES = frozenset({"classify", "ner"})  # no later stage reads their output
 SECTION_STAGE = {"source": "crawl"}  # config section -> the stage it configures
 FIXED = {"pretrain.init_from", "pretrain.init_if_missing"}  # resolved once per sweep
 KIND_TAG = "forgeline.kind"
@@ -226,7 +228,9 @@ def plan_sweep(config: PipelineConfig, sweep: SweepConfig) -> Plan:
         raise ConfigError(f"sweep metric {sweep.metric!r} comes from the {last} stage, which "
                           f"runs before the first swept stage ({first}): every trial would "
                           "score the same")
-    trial_stages = list(TRIAL_STAGES[TRIAL_STAGES.index(first):TRIAL_STAGES.index(last) + 1])
+    trial_stages = [name for name in
+                    TRIAL_STAGES[TRIAL_STAGES.index(first):TRIAL_STAGES.index(last) + 1]
+                    if name not in LEAVES or name in stages or name == last]
 
     values: dict[str, list[Any]] = {}
     ranges: dict[str, ParamRange] = {}
@@ -333,19 +337,43 @@ def run_stage(name: str, config: PipelineConfig, ctx: RunContext, done: dict[str
               init: dict | None) -> Manifest | None:
     """One training stage of a trial, through the pipeline's own stage function (the
     stage's MLflow run nested under ``ctx.parent_run_id``); None when it is disabled."""
-    from flows.stages import evaluate_stage, finetune_stage, pretrain_stage, tokenize_stage
+    from flows.pipeline import final_model
+    from flows.stages import (
+        classify_stage,
+        domain_stage,
+        dpo_stage,
+        evaluate_stage,
+        fewshot_stage,
+        finetune_stage,
+        ner_stage,
+        pretrain_stage,
+        tokenize_stage,
+    )
 
     if name == "tokenize":
         return tokenize_stage(config, done["corpus"], ctx, init)
     if name == "pretrain":
         return pretrain_stage(config, done["tokenize"], ctx, init)
+    section = getattr(config, name)
+    if not getattr(section, "enabled", True):
+        return None
+    tokens, corpus = done["tokenize"], done["corpus"]
+    backbone = done.get("domain") or done["pretrain"]
+    if name == "domain":
+        return domain_stage(section, tokens, done["pretrain"], corpus, ctx)
     if name == "finetune":
-        if not config.finetune.enabled:
-            return None
-        return finetune_stage(config, done["tokenize"], done["pretrain"], done["corpus"], ctx)
+        return finetune_stage(section, tokens, backbone, corpus, ctx)
+    if name == "dpo":
+        return dpo_stage(section, tokens, done.get("finetune") or backbone, corpus, ctx)
+    if name in ("classify", "ner"):
+        stage = classify_stage if name == "classify" else ner_stage
+        return stage(section, tokens, backbone, corpus, ctx)
+    final = final_model(done)
     if name == "evaluate":
-        return evaluate_stage(config, done["tokenize"], done["pretrain"], done.get("finetune"),
-                              ctx)
+        return evaluate_stage(config, tokens, done["pretrain"],
+                              done[final] if final not in (None, "pretrain") else None, ctx)
+    if name == "fewshot":
+        return fewshot_stage(config, tokens, done[final], corpus, ctx)
     raise ValueError(f"a sweep trial cannot run the {name} stage")
 
 
@@ -668,12 +696,18 @@ def _shared_prefix(config: PipelineConfig, plan: Plan, ctx: RunContext,
         stages = data_flow.with_options(task_runner=task_runner(config.execution))(config, ctx)
     corpus = next(m for m in reversed(stages.values()) if not m.get("skipped"))
     shared: dict[str, Manifest] = {"corpus": corpus}
-    before = TRIAL_STAGES[:TRIAL_STAGES.index(plan.first)]
-    if before:
+    before = [name for name in TRIAL_STAGES[:TRIAL_STAGES.index(plan.first)]
+              if name not in LEAVES]
+    phase = [name for name in before if name in ("tokenize", "pretrain")]
+    if phase:
         with api_url_for_workers():
             trained = train_flow.with_options(task_runner=task_runner(config.execution))(
-                config, ctx, corpus, before[-1])
+                config, ctx, corpus, phase[-1])
         shared.update(trained)
+    for name in before[len(phase):]:  # the fine-tuning modes the trials build on
+        manifest = run_stage(name, config, ctx, shared, init)
+        if manifest is not None:
+            shared[name] = manifest
     return shared
 
 

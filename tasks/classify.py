@@ -43,6 +43,7 @@ from tasks.labelled import (
     id_column_field,
     load_text_examples,
     max_examples_field,
+    nothing_derived,
     split_examples,
     split_field,
     streaming_field,
@@ -460,7 +461,13 @@ def classify(config: ClassifyConfig, tokenized_dir: Path, model_dir: Path, corpu
     model_config = saved_model_config(model_dir, STAGE)
     derived = not (config.data_path or config.dataset)
     held_out = read_val_ids(tokenized_dir) if derived and config.folds == 1 else set()
-    examples, _ = load_examples(config, corpus_dir, held_out)
+    try:
+        examples, _ = load_examples(config, corpus_dir, held_out)
+        splits = split_examples(STAGE, examples, config.val_fraction, config.folds, held_out)
+    except StageInputError as exc:
+        if not derived:
+            raise
+        return nothing_derived(STAGE, exc)
     labels = list(config.labels) or sorted({e.label for e in examples})
     if len({e.label for e in examples}) < 2:
         raise StageInputError(STAGE, f"{len(examples)} example(s) with "
@@ -471,7 +478,6 @@ def classify(config: ClassifyConfig, tokenized_dir: Path, model_dir: Path, corpu
     if unknown is not None:
         raise StageInputError(STAGE, f"{unknown.where}: label {unknown.label!r} is not in "
                                      f"{STAGE}.labels ({', '.join(labels)})")
-    splits = split_examples(STAGE, examples, config.val_fraction, config.folds, held_out)
 
     sp, eos_id, pad_id, _ = load_tokenizer(tokenized_dir)
     max_length = min(config.max_length, max_tokens(model_config))

@@ -104,6 +104,15 @@ def folds_field():
 # ---- examples ---------------------------------------------------------------------------
 
 
+def nothing_derived(stage: str, reason: Exception) -> dict:
+    """The result of a task stage whose task cannot be derived from this corpus (the user
+    gave no labelled data, and the corpus has no labels of the kind the derivation looks
+    for): the stage is skipped with a warning, and the pipeline goes on."""
+    log.warning("%s: skipped, no task can be derived from the corpus: %s", stage, reason)
+    return {"count": 0, "unit": "examples", "stats": {f"{stage}_skipped": 1},
+            "artifacts": {}, "skipped_reason": str(reason)}
+
+
 @dataclass
 class TextExample:
     """A text and its label; ``key`` groups examples for splitting, ``where`` names the

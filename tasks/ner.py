@@ -38,6 +38,7 @@ from tasks.labelled import (
     data_path_field,
     derived_ner,
     load_tagged_examples,
+    nothing_derived,
     split_examples,
 )
 from tasks.launch import across_devices
@@ -132,14 +133,20 @@ def ner(config: NerConfig, tokenized_dir: Path, model_dir: Path, corpus_dir: Pat
     tokenized_dir, model_dir, out_dir = Path(tokenized_dir), Path(model_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_config = saved_model_config(model_dir, STAGE)
-    examples, derived = load_examples(config, corpus_dir)
+    derived = not (config.data_path or config.dataset)
+    held_out = read_val_ids(tokenized_dir) if derived and config.folds == 1 else set()
+    try:
+        examples, derived = load_examples(config, corpus_dir)
+        splits = split_examples(STAGE, examples, config.val_fraction, config.folds, held_out)
+    except StageInputError as exc:
+        if not derived:
+            raise
+        return nothing_derived(STAGE, exc)
     labels = tag_labels(examples)
     if len(labels) < 2:
         raise StageInputError(STAGE, f"the {len(examples)} examples hold no entity (every tag "
                                      "is O); NER needs tagged entities to learn from")
     index = {label: i for i, label in enumerate(labels)}
-    held_out = read_val_ids(tokenized_dir) if derived and config.folds == 1 else set()
-    splits = split_examples(STAGE, examples, config.val_fraction, config.folds, held_out)
 
     sp, eos_id, pad_id, unk_id = load_tokenizer(tokenized_dir)
     max_length = min(config.max_length, max_tokens(model_config))

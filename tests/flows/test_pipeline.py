@@ -36,7 +36,8 @@ def test_full_run_is_tracked_and_a_rerun_reuses_every_stage(prefect_server, corp
                                                             capsys):
     work = tmp_path / "work"
     first = run(work, [f"source.paths=[{corpus}]"])
-    assert list(first["stages"]) == list(STAGES)
+    assert list(first["stages"]) == [*STAGES[:8], "dpo", "classify", "ner", "evaluate",
+                                     "fewshot"]
     assert not any(s["reused"] for s in first["stages"].values())
 
     cleaned = texts_by_id(first["stages"]["pii"]["output"])
@@ -52,7 +53,7 @@ def test_full_run_is_tracked_and_a_rerun_reuses_every_stage(prefect_server, corp
     for metric in ("val_perplexity", "unigram_perplexity", "documents_after_pii", "tokens"):
         assert metric in parent.data.metrics
     children = children_of(client, parent)
-    assert sorted(c.data.tags["forgeline.stage"] for c in children) == sorted(STAGES)
+    assert sorted(c.data.tags["forgeline.stage"] for c in children) == sorted(first["stages"])
     pretrain_run = next(c for c in children if c.data.tags["forgeline.stage"] == "pretrain")
     curve = client.get_metric_history(pretrain_run.info.run_id, "train_loss")
     assert len(curve) > 1  # a training curve, not a single number
@@ -66,12 +67,21 @@ def test_full_run_is_tracked_and_a_rerun_reuses_every_stage(prefect_server, corp
     evaluate_run = next(c for c in children if c.data.tags["forgeline.stage"] == "evaluate")
     assert {"pretrained_val_perplexity", "unigram_val_perplexity", "pretrained_bits_per_byte",
             "finetuned_val_perplexity"} <= set(evaluate_run.data.metrics)
-    # the fine-tuned model, logged on the parent run and registered with its metrics
+    # the final model (preference-tuned after fine-tuning), logged on the parent run and
+    # registered with its metrics; the first version becomes the champion
     assert first["registered_model"]["model_uri"] == "models:/forgeline/1"
+    assert first["registered_model"]["stage"] == "dpo"
     version = client.get_model_version("forgeline", "1")
-    finetune_run = next(c for c in children if c.data.tags["forgeline.stage"] == "finetune")
+    final_run = next(c for c in children if c.data.tags["forgeline.stage"] == "dpo")
     assert version.run_id == parent.info.run_id
-    assert version.tags["forgeline.stage_run_id"] == finetune_run.info.run_id
+    assert version.tags["forgeline.stage_run_id"] == final_run.info.run_id
+    assert parent.data.tags["champion_decision"] == "first"
+    assert "challenger_score" in parent.data.metrics
+    assert str(client.get_model_version_by_alias("forgeline", "champion").version) == "1"
+    for metric in ("dpo_preference_accuracy", "fewshot_accuracy_k0", "fewshot_accuracy_k3"):
+        assert metric in parent.data.metrics, metric
+    evaluation = {a.path for a in client.list_artifacts(parent.info.run_id, "eval_report")}
+    assert "eval_report/eval_report.md" in evaluation
     assert float(version.tags["val_perplexity"]) == pytest.approx(
         parent.data.metrics["val_perplexity"], rel=1e-5)
     assert parent.data.tags["forgeline.registered_model"] == "models:/forgeline/1"
@@ -82,6 +92,10 @@ def test_full_run_is_tracked_and_a_rerun_reuses_every_stage(prefect_server, corp
     assert second["stages"]["pii"]["output"] == first["stages"]["pii"]["output"]
     assert children_of(client, client.get_run(second["mlflow_run_id"]))  # still one per stage
     assert second["registered_model"]["version"] == "2"  # every pipeline run registers one
+    # the same weights score the same: the champion is kept (a tie never promotes)
+    assert client.get_run(second["mlflow_run_id"]).data.tags["champion_decision"] == "kept"
+    assert second["champion"]["champion_score"] == pytest.approx(
+        second["champion"]["challenger_score"])
 
     # the model leaves the pipeline: `forgeline export` takes the newest run's fine-tuned
     # model, and `forgeline generate` samples the registered version and the export alike
@@ -92,7 +106,7 @@ def test_full_run_is_tracked_and_a_rerun_reuses_every_stage(prefect_server, corp
 
     assert main(["export", "--out", str(tmp_path / "hf"), "--workdir", str(work)]) == 0
     assert second["mlflow_run_id"] in capsys.readouterr().out  # the newest run's model
-    finetuned = load_model(Path(second["stages"]["finetune"]["output"]) / "model.pt")
+    finetuned = load_model(Path(second["stages"]["dpo"]["output"]) / "model.pt")
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True)
     idx = torch.randint(0, finetuned.config.vocab_size, (1, 16))
     with torch.no_grad():

@@ -33,7 +33,9 @@ def test_plan_validates_every_trial_before_any_work(corpus):
         for lr in GRID["finetune.learning_rate"] for wd in GRID["finetune.weight_decay"]}
     plan = plan_sweep(config, SweepConfig(parameters={"pretrain.max_steps": ["20", 30]},
                                           metric="val_perplexity"))
-    assert plan.stages == ["pretrain", "finetune", "evaluate"]
+    # every mode that builds on pretraining (those switched off are skipped when a trial
+    # runs them); the task heads (classify, ner) are leaves no metric here depends on
+    assert plan.stages == ["pretrain", "domain", "finetune", "dpo", "evaluate"]
     assert plan.values["pretrain.max_steps"] == [20, 30]  # as the validated config holds them
     for parameters, message in [
         ({"finetune.learning_rat": [1e-4]}, "did you mean 'learning_rate'"),
@@ -54,6 +56,10 @@ def test_plan_validates_every_trial_before_any_work(corpus):
         plan_sweep(config, SweepConfig(sampler="optuna", parameters={
             "finetune.max_steps": ParamRange(low=1.5, high=4)}))
     assert apply_overrides(config, {"finetune.weight_decay": 0.1}).finetune.weight_decay == 0.1
+    plan = plan_sweep(config, SweepConfig(parameters={"classify.learning_rate": [1e-3, 3e-3]},
+                                          metric="classify.classify_accuracy",
+                                          direction="maximize"))
+    assert plan.first == "classify" and plan.stages == ["classify"]
 
 
 def test_scheduler_never_runs_two_trials_of_one_group_at_once():

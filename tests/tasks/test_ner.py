@@ -161,3 +161,15 @@ def test_bad_tags_are_reported_by_file_and_line(setup, tmp_path):
     none.write_text('{"tokens": ["a", "b"], "tags": ["O", "O"]}\n' * 3)
     with pytest.raises(StageInputError, match="hold no entity"):
         run(setup, tmp_path / "out", data_path=str(none))
+
+
+def test_a_corpus_with_nothing_to_derive_skips_the_stage(setup, tmp_path):
+    """Without labelled data the task is derived from the corpus; a corpus that documents no
+    function or class gives no task, and the stage is skipped (the pipeline goes on)."""
+    write_records([{"id": f"p{i}", "url": f"http://x/{i}", "title": "Notes",
+                    "text": "Plain prose about the weather and nothing else at all. " * 5}
+                   for i in range(12)], tmp_path / "prose")
+    result = ner(NerConfig(**FAST), setup / "tokens", setup / "pretrained", tmp_path / "prose",
+                 tmp_path / "out")
+    assert result["count"] == 0 and result["stats"] == {"ner_skipped": 1}
+    assert "no passage" in result["skipped_reason"]
