@@ -72,12 +72,14 @@ parameters:
                           runs every combination, Optuna picks among them
   --range KEY=LOW:HIGH[:log]
                           a range for --sampler optuna (integers for integer settings)
-  Settings of tokenize, pretrain, finetune and evaluate can be swept. The data stages and
-  the training stages before the first swept one run once, shared by all trials.
+  Settings of tokenize, pretrain, domain, finetune, dpo, classify, ner, evaluate and
+  fewshot can be swept. The data stages and the training stages before the first swept
+  one run once, shared by all trials.
 
 metric (--metric):
   <stage>.<stat>          a stage's stat, e.g. finetune.val_loss_after (the default),
-                          finetune.val_perplexity_after, evaluate.finetuned_val_perplexity
+                          finetune.val_perplexity_after, classify.classify_accuracy
+                          (with --direction maximize), evaluate.finetuned_val_perplexity
   a headline metric       val_perplexity, val_bits_per_byte, finetune_val_loss_after, ...
 
 recorded:
@@ -90,7 +92,7 @@ examples:
   forgeline sweep --config configs/tiny.yaml --param finetune.learning_rate=1e-4,5e-4 \\
       --param finetune.weight_decay=0,0.1
   forgeline sweep --sampler optuna --trials 12 --range finetune.learning_rate=1e-5:1e-3:log \\
-      --param finetune.max_steps=30,60 --metric val_perplexity
+      --param finetune.max_steps=30,60 --metric finetuned_val_perplexity
 """
 
 STAGE_NAMES = ("crawl", "extract", "filter", "dedup", "pii",

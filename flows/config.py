@@ -174,7 +174,7 @@ class PipelineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _generative_modes_need_a_decoder(self) -> PipelineConfig:
-        if self.pretrain.objective != "masked" or self.pretrain.init_from:
+        if self.pretrain.objective != "masked":
             return self
         wanted = [name for name in ("domain", "dpo", "lm_eval") if getattr(self, name).enabled]
         if wanted:

@@ -299,7 +299,8 @@ def log_and_register(model_dir: str | Path, tracking_uri: str, run_id: str,
                              example_prompt=example_prompt)
     if name is None:
         return RegisteredVersion(None, None, f"models:/{model_id}", model_id, run_id, stage)
-    label = {"finetune": "fine-tuned", "pretrain": "pretrained"}.get(stage or "", "trained")
+    label = {"finetune": "fine-tuned", "pretrain": "pretrained", "dpo": "preference-tuned",
+             "domain": "domain-tuned"}.get(stage or "", "trained")
     lines = [f"forgeline {label} model from pipeline run `{run_id}`"
              + (f" (weights of stage run `{stage_run_id}`)." if stage_run_id else "."),
              "", ("Input: a `prompt` column; params `max_new_tokens`, `temperature`, `top_k`, "

@@ -84,7 +84,8 @@ def final_model(stages: dict[str, Manifest]) -> str | None:
 
 
 def _is_encoder(config: PipelineConfig) -> bool:
-    return config.pretrain.objective == "masked" and not config.pretrain.init_from
+    # a model continued (pretrain.init_from) with the masked objective becomes one too
+    return config.pretrain.objective == "masked"
 
 
 @flow(name="forgeline-train")
@@ -275,7 +276,13 @@ def evaluation_report(stages: dict[str, Manifest], decision, reports: Path) -> d
     if mlm:
         sections["mlm"] = mlm
     if decision is not None:
-        sections["champion"] = decision.to_dict()
+        sections["champion"] = {
+            "champion_decision": decision.decision, "champion_metric": decision.metric,
+            "champion_margin": decision.margin, "challenger_score": decision.challenger_score,
+            "champion_score": decision.champion_score,
+            "challenger_version": decision.challenger_version,
+            "champion_version_before": decision.champion_version_before,
+            "champion_version_after": decision.champion_version_after}
     written = write_eval_report(sections, reports / "evaluation")
     report = next(p for p in written.values() if str(p).endswith(".md"))
     create_markdown_artifact(markdown=Path(report).read_text(encoding="utf-8"),

@@ -135,7 +135,8 @@ def run_tracked(ctx: RunContext, stage: str, section: BaseModel | None,
                                  **manifest["stats"]})
     tracker.set_tags(run_id, {"reused": manifest["reused"], "output": manifest["output"],
                               "stage_key": manifest["key"],
-                              **{f"info.{k}": v for k, v in manifest["info"].items()}})
+                              **{f"info.{k}": v for k, v in manifest["info"].items()
+                                 if k != "folds"}})  # folds: runs of their own
     tracker.log_artifact(run_id, Path(manifest["dir"]) / "manifest.json")
     for path in manifest["artifacts"].values():
         tracker.log_artifact(run_id, path)
@@ -317,9 +318,8 @@ def record_folds(tracker: Tracker, run_id: str, manifest: Manifest) -> None:
                                     tags={"forgeline.fold": str(number),
                                           "forgeline.folds": str(len(folds))})
         tracker.log_metrics(child, fold.get("metrics", {}))
-        for path in (fold.get("artifacts") or {}).values():
-            where = Path(manifest["dir"]) / fold.get("dir", "") / path
-            tracker.log_artifact(child, where if where.exists() else Path(manifest["dir"]) / path)
+        for path in (fold.get("artifacts") or {}).values():  # relative to the stage's dir
+            tracker.log_artifact(child, Path(manifest["dir"]) / path)
         tracker.finish(child)
 
 
@@ -352,7 +352,7 @@ def evaluate_stage(config: PipelineConfig, tokens: Manifest, pretrained: Manifes
         lambda out, _: tasks.evaluate.evaluate(
             config.evaluate, Path(tokens["output"]), Path(pretrained["output"]),
             Path(finetuned["output"]) if finetuned else None, out),
-        inputs=inputs, code=[tasks.evaluate, *MODEL_CODE])
+        inputs=inputs, code=[tasks.evaluate, tasks.pretrain, tasks.tokenize, *MODEL_CODE])
 
 
 @task(name="fewshot", retries=1, **RETRIES)

@@ -63,6 +63,23 @@ log = logging.getLogger(__name__)
 TRIAL_STAGES = ("tokenize", "pretrain", "domain", "finetune", "dpo", "classify", "ner",
                 "evaluate", "fewshot")
 LEAVES = frozenset({"classify", "ner"})  # no later stage reads their output
+# the stages whose output each stage reads (those switched off pass their input on)
+READS = {"tokenize": (), "pretrain": ("tokenize",), "domain": ("pretrain",),
+         "finetune": ("domain", "pretrain"), "dpo": ("finetune", "domain", "pretrain"),
+         "classify": ("domain", "pretrain"), "ner": ("domain", "pretrain"),
+         "evaluate": ("dpo", "finetune", "domain", "pretrain"),
+         "fewshot": ("dpo", "finetune", "domain", "pretrain")}
+
+
+def upstream(stage: str) -> set[str]:
+    """``stage`` and every stage whose output reaches it."""
+    seen, todo = set(), [stage]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(READS[name])
+    return seen
 SECTION_STAGE = {"source": "crawl"}  # config section -> the stage it configures
 FIXED = {"pretrain.init_from", "pretrain.init_if_missing"}  # resolved once per sweep
 KIND_TAG = "forgeline.kind"
@@ -228,6 +245,17 @@ def plan_sweep(config: PipelineConfig, sweep: SweepConfig) -> Plan:
         raise ConfigError(f"sweep metric {sweep.metric!r} comes from the {last} stage, which "
                           f"runs before the first swept stage ({first}): every trial would "
                           "score the same")
+    from flows.pipeline import HEADLINE
+
+    stat = HEADLINE[sweep.metric][1] if sweep.metric in HEADLINE else \
+        sweep.metric.partition(".")[2]
+    # the pretrained model's (and the unigram baseline's) scores do not read fine-tuning
+    source = "pretrain" if last == "evaluate" and stat.startswith(("pretrained_", "unigram_")) \
+        else last
+    if not stages & upstream(source):
+        raise ConfigError(f"sweep metric {sweep.metric!r} comes from the {source} stage, which "
+                          f"does not read the output of the swept stage(s) "
+                          f"({', '.join(sorted(stages))}): every trial would score the same")
     trial_stages = [name for name in
                     TRIAL_STAGES[TRIAL_STAGES.index(first):TRIAL_STAGES.index(last) + 1]
                     if name not in LEAVES or name in stages or name == last]
@@ -505,6 +533,14 @@ def trials_flow(config: PipelineConfig, sweep: SweepConfig, plan: Plan, ctx: Run
     first_keys = [k for k in sweep.parameters if _stage_of(k) == plan.first]
     parallel = min(sweep.max_parallel, worker_count(config.execution)) \
         if config.execution.engine == "local" else sweep.max_parallel
+    independent = [name for name in plan.stages if plan.first not in upstream(name)]
+    if independent and parallel > 1:
+        # two trials differing only in the first swept stage's settings would build the
+        # same output of these stages at once, in one directory
+        logger.info("sweep: trials run one at a time: %s does not read the %s stage's "
+                    "output, so parallel trials could build it twice at once",
+                    ", ".join(independent), plan.first)
+        parallel = 1
     threads = max(1, worker_count(config.execution) // parallel) if parallel > 1 else 0
     sampler = _Sampler(sweep, plan)
     results: list[dict[str, Any]] = []

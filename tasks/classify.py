@@ -39,6 +39,7 @@ from tasks.labelled import (
     data_path_field,
     dataset_field,
     derived_classification,
+    dev_split,
     folds_field,
     id_column_field,
     load_text_examples,
@@ -113,9 +114,15 @@ class TuningConfig(BaseModel):
     log_every_steps: int = Field(
         10, ge=1, description="Report train loss and learning rate every N steps.")
     early_stopping_patience: int = Field(
-        3, ge=0, description="Stop when the held-out loss has not improved for this many "
+        3, ge=0, description="Stop when the development loss has not improved for this many "
                              "validations in a row (the best checkpoint is the tuned "
                              "model); 0 = train all max_steps.")
+    dev_fraction: float = Field(
+        0.1, gt=0.0, lt=1.0,
+        description="Share of the training examples (whole groups, by a hash of their key) "
+                    "set aside as development data: it picks the best checkpoint and stops "
+                    "training early, so the held-out examples the metrics are reported on "
+                    "never choose the model.")
     checkpoint_every_steps: int = checkpoint_every_field(100)
     keep_checkpoints: int = keep_checkpoints_field()
     max_minutes: float = max_minutes_field()
@@ -236,7 +243,8 @@ def tune_fold(spec: TaskSpec, config: TuningConfig, train: list, val: list, run_
     backbone = load_model(model_dir / "model.pt").train()
     set_backbone_dropout(backbone, config.dropout)
     model = spec.head(backbone, len(spec.labels), config.dropout)
-    train_data, val_data = spec.encode(train), spec.encode(val)
+    train, dev = dev_split(train, config.dev_fraction)
+    train_data, dev_data, val_data = spec.encode(train), spec.encode(dev), spec.encode(val)
     collate = pad_collate(spec.extra["pad_id"])
     device = pick_device(config.accelerator)
     untuned = predict(model.to(device), val_data, config.batch_size, collate, device)
@@ -247,7 +255,8 @@ def tune_fold(spec: TaskSpec, config: TuningConfig, train: list, val: list, run_
     precision = resolve_precision(config.precision, config.accelerator)
     resolved = {"model": backbone.config.to_dict(), spec.stage: config.model_dump(mode="json"),
                 "labels": spec.labels, "fold": fold, "pretrained_from": str(model_dir.resolve()),
-                "examples_train": len(train), "examples_val": len(val)}
+                "examples_train": len(train), "examples_dev": len(dev),
+                "examples_val": len(val)}
     order = pair_order(len(train_data), config.max_steps * config.batch_size
                        * world_size(config), config.seed)
     ordered = Subset(train_data, order)
@@ -256,11 +265,12 @@ def tune_fold(spec: TaskSpec, config: TuningConfig, train: list, val: list, run_
         return DataLoader(ordered, batch_size=config.batch_size, collate_fn=collate,
                           sampler=ResumeSampler(samples_seen, len(ordered)))
 
-    val_loader = DataLoader(val_data, batch_size=config.batch_size, collate_fn=collate)
+    # the development examples choose the checkpoint; the held-out ones only measure it
+    val_loader = DataLoader(dev_data, batch_size=config.batch_size, collate_fn=collate)
     settings = TrainSettings.of(config, name, precision)
     settings.flops_per_token = backbone.config.flops_per_token()
-    log.info("%s: %d train / %d held-out examples, %d labels, %s backbone", name, len(train),
-             len(val), len(spec.labels), "causal" if backbone.config.causal else "encoder")
+    log.info("%s: %d train / %d development / %d held-out examples, %d labels, %s backbone",
+             name, len(train), len(dev), len(val), len(spec.labels), "causal" if backbone.config.causal else "encoder")
     outcome = run_training(settings, module, train_loader, val_loader, run_dir, resolved,
                            on_metrics, files={"tokenizer.model": tokenized_dir / "tokenizer.model"})
     if not outcome.is_global_zero:
@@ -277,6 +287,7 @@ def tune_fold(spec: TaskSpec, config: TuningConfig, train: list, val: list, run_
             details = info
     steps = outcome.trainer.global_step
     metrics.update({f"{spec.stage}_examples_train": len(train),
+                    f"{spec.stage}_examples_dev": len(dev),
                     f"{spec.stage}_examples_val": len(val), f"{spec.stage}_steps": steps})
     callback = outcome.callback
     plot_loss_curve(run_dir / "loss_curve.png", callback.train_history, callback.val_history,
@@ -338,7 +349,7 @@ def tune_folds(spec: TaskSpec, config: TuningConfig, splits: list[tuple[list, li
         if name.endswith(("_examples_val", "_steps")):  # every fold's: the total
             stats[name] = sum(values)
             continue
-        if name.endswith("_examples_train"):
+        if name.endswith(("_examples_train", "_examples_dev")):
             stats[name] = round(sum(values) / len(values), 1)
             continue
         stats[name] = round(sum(values) / len(values), 5)

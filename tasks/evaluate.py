@@ -191,7 +191,8 @@ def evaluate(config: EvaluateConfig, tokenized_dir: Path, pretrained_dir: Path,
         models["finetuned"] = load_model(Path(finetuned_dir) / "model.pt", device)
     causal = {name: model for name, model in models.items() if model.config.causal}
     encoders = {name: model for name, model in models.items() if not model.config.causal}
-    context = models["pretrained"].config.context_length
+    # windows every model can read whole (a prompt-tuned model's soft prompt takes room)
+    context = min(model.max_tokens for model in models.values())
     max_windows = config.val_batches * config.batch_size or None
     data = StridedWindows(tokenized_dir / "val.bin", meta["dtype"], context, max_windows)
     if len(data) == 0:

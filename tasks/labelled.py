@@ -579,6 +579,17 @@ def derived_ner(stage: str, corpus_dir: Path, config) -> list[TaggedExample]:
 # ---- splits -----------------------------------------------------------------------------
 
 
+def dev_split(train: list, fraction: float) -> tuple[list, list]:
+    """(train, development) from the training examples: whole groups (``key``) chosen by a
+    hash, at least one on each side; with a single group, single examples by position."""
+    keys = sorted({e.key for e in train}, key=lambda k: stable_hash(f"dev:{k}"))
+    if len(keys) >= 2:
+        chosen = set(keys[:min(len(keys) - 1, max(1, round(len(keys) * fraction)))])
+        return [e for e in train if e.key not in chosen], [e for e in train if e.key in chosen]
+    cut = min(len(train) - 1, max(1, round(len(train) * fraction)))
+    return train[cut:], train[:cut]
+
+
 def fold_of(key: str, folds: int) -> int:
     return stable_hash(key) % folds
 

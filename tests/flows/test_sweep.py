@@ -46,6 +46,9 @@ def test_plan_validates_every_trial_before_any_work(corpus):
     ]:
         with pytest.raises(ConfigError, match=message):
             plan_sweep(config, SweepConfig(parameters=parameters))
+    for metric in ("val_perplexity", "classify.classify_accuracy"):  # finetune cannot move them
+        with pytest.raises(ConfigError, match="does not read the output of the swept"):
+            plan_sweep(config, SweepConfig(parameters=GRID, metric=metric))
     with pytest.raises(ConfigError, match="runs before the first swept stage"):
         plan_sweep(config, SweepConfig(parameters=GRID, metric="pretrain.val_loss"))
     with pytest.raises(ConfigError, match="finetune.enabled is false"):

@@ -99,7 +99,9 @@ def test_tuning_beats_untuned_and_majority_and_the_classifier_reloads(setup, tmp
     result, metrics = run(setup, tmp_path)
     stats = result["stats"]
     assert_tuning_wins(stats)
-    assert stats["classify_examples_train"] + stats["classify_examples_val"] == 180
+    assert stats["classify_examples_train"] + stats["classify_examples_dev"] \
+        + stats["classify_examples_val"] == 180
+    assert stats["classify_examples_dev"] >= 1  # the checkpoint is chosen on these
     assert result["count"] == stats["classify_examples_val"] and "folds" not in result
     assert any("train_loss" in m for _, m in metrics) and any("val_loss" in m for _, m in metrics)
     assert set(result["artifacts"]) >= {"classifier", "metrics", "confusion_matrix",

@@ -74,6 +74,26 @@ def test_subset_and_finetuned_model(setup, tmp_path):
     assert "finetuned_bits_per_byte" in result["stats"]
 
 
+def test_a_prompt_tuned_model_is_scored_on_windows_it_can_read(setup, tmp_path):
+    """A soft prompt takes positions of the context: both models are scored on windows of
+    what the prompt-tuned one can read, so their numbers stay comparable."""
+    import shutil
+
+    from models.adapters import AdapterSettings, finish_model, prepare_model
+    from models.checkpoint import load_model, save_model
+
+    settings = AdapterSettings(method="prompt_tuning", prompt_tokens=4)
+    tuned = finish_model(prepare_model(load_model(setup / "pretrained" / "model.pt"), settings),
+                         settings, tmp_path / "tuned")
+    save_model(tmp_path / "tuned" / "model.pt", tuned)
+    shutil.copy(setup / "pretrained" / "tokenizer.model", tmp_path / "tuned")
+    config = EvaluateConfig(val_batches=1, batch_size=2, num_samples=1, max_new_tokens=5)
+    result = evaluate(config, setup / "tokens", setup / "pretrained", tmp_path / "tuned",
+                      tmp_path / "out")
+    assert result["count"] == 2 * (CONTEXT - 4)
+    assert math.isfinite(result["stats"]["finetuned_val_loss"])
+
+
 ENCODER = {"d_model": 32, "n_layers": 2, "n_heads": 4, "context_length": CONTEXT,
            "batch_size": 8, "max_steps": 300, "warmup_steps": 5, "val_every_steps": 300,
            "val_batches": 4, "objective": "masked", "num_threads": 1}

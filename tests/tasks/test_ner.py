@@ -93,7 +93,8 @@ def test_tuning_beats_untuned_and_majority(setup, tmp_path, model, label_next):
     stats = result["stats"]
     assert_tuning_wins(stats)
     assert stats["ner_precision"] > 0.5 and stats["ner_recall"] > 0.5
-    assert stats["ner_examples_train"] + stats["ner_examples_val"] == 160
+    assert stats["ner_examples_train"] + stats["ner_examples_dev"] \
+        + stats["ner_examples_val"] == 160
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert set(saved["per_type"]) >= {"PER", "LOC"}
     assert saved["per_type"]["LOC"]["support"] > 0
