@@ -63,3 +63,18 @@ def test_three_folds_are_nested_runs_with_a_mean_and_spread(prefect_server, corp
     majority = [r.data.metrics["classify_majority_accuracy"] for r in folds
                 if "classify_majority_accuracy" in r.data.metrics]
     assert len(majority) == 3 and all(a > m for a, m in zip(accuracies, majority, strict=True))
+
+
+def test_a_masked_lm_run_tunes_heads_and_skips_the_generative_modes(prefect_server, corpus,
+                                                                     tmp_path):
+    data = labelled(tmp_path / "topics.jsonl")
+    config = load_config(TINY_CONFIG, [
+        f"source.paths=[{corpus}]", "pretrain.objective=masked", "dpo.enabled=false",
+        f"classify.data_path={data}", "ner.enabled=false"])
+    result = pipeline(config=config, workdir=str(tmp_path / "work"))
+    stages = result["stages"]
+    assert {"finetune", "fewshot"}.isdisjoint(stages)  # an encoder does not generate
+    assert {"pretrain", "classify", "evaluate"} <= set(stages)
+    assert result["metrics"]["mlm_accuracy"] > 0 and "classify_accuracy" in result["metrics"]
+    assert "val_perplexity" not in result["metrics"]
+    assert result["registered_model"] is None and result["champion"] is None
