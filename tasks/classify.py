@@ -58,11 +58,14 @@ from tasks.training import (
     CHECKPOINTS,
     ResumeSampler,
     TrainSettings,
+    accelerator_field,
     checkpoint_every_field,
     devices_field,
     keep_checkpoints_field,
     keep_only_best,
     max_minutes_field,
+    num_threads_field,
+    precision_field,
     run_training,
 )
 
@@ -126,16 +129,12 @@ class TuningConfig(BaseModel):
     checkpoint_every_steps: int = checkpoint_every_field(100)
     keep_checkpoints: int = keep_checkpoints_field()
     max_minutes: float = max_minutes_field()
-    precision: Precision = Field(
-        "auto", description="Lightning precision: 'auto' = 'bf16-mixed' on a CUDA GPU with "
-                            "bf16, else '32-true'.")
-    accelerator: Accelerator = Field(
-        "auto", description="Lightning accelerator: 'auto', 'cpu', 'gpu', 'cuda', 'mps'.")
+    precision: Precision = precision_field()
+    accelerator: Accelerator = accelerator_field()
     devices: str | int = devices_field()
     seed: int = Field(0, description="Seed for the head's initialisation, the order of "
                                      "examples and dropout.")
-    num_threads: int = Field(
-        0, ge=0, description="CPU threads for torch; 0 = torch's default (all cores).")
+    num_threads: int = num_threads_field()
 
     _devices = field_validator("devices")(check_devices)
 

@@ -33,6 +33,7 @@ from tasks.tokenize import is_validation, read_val_ids
 from tasks.training import (
     ResumeSampler,
     TrainSettings,
+    accelerator_field,
     checkpoint_every_field,
     devices_field,
     early_stopping_field,
@@ -40,6 +41,8 @@ from tasks.training import (
     keep_checkpoints_field,
     max_minutes_field,
     num_nodes_field,
+    num_threads_field,
+    precision_field,
     run_training,
     strategy_field,
 )
@@ -111,17 +114,13 @@ class DomainConfig(BaseModel):
     keep_checkpoints: int = keep_checkpoints_field()
     early_stopping_patience: int = early_stopping_field()
     max_minutes: float = max_minutes_field()
-    precision: Precision = Field(
-        "auto", description="Lightning precision: 'auto' = 'bf16-mixed' on a CUDA GPU with "
-                            "bf16, else '32-true'.")
-    accelerator: Accelerator = Field(
-        "auto", description="Lightning accelerator: 'auto', 'cpu', 'gpu', 'cuda', 'mps'.")
+    precision: Precision = precision_field()
+    accelerator: Accelerator = accelerator_field()
     devices: str | int = devices_field()
     strategy: str = strategy_field()
     num_nodes: int = num_nodes_field()
     seed: int = Field(0, description="Seed for the window offsets, adapters and dropout.")
-    num_threads: int = Field(
-        0, ge=0, description="CPU threads for torch; 0 = torch's default (all cores).")
+    num_threads: int = num_threads_field()
 
     _strategy = field_validator("strategy")(check_strategy)
     _devices = field_validator("devices")(check_devices)

@@ -97,6 +97,21 @@ def num_nodes_field():
                                       "processes on one machine only.")
 
 
+def precision_field():
+    return Field("auto", description="Lightning precision: 'auto' = 'bf16-mixed' on a CUDA GPU "
+                                     "with bf16, else '32-true'.")
+
+
+def accelerator_field():
+    return Field("auto", description="Lightning accelerator: 'auto', 'cpu', 'gpu', 'cuda', "
+                                     "'mps'.")
+
+
+def num_threads_field():
+    return Field(0, ge=0, description="CPU threads for torch; 0 = torch's default (all "
+                                      "cores).")
+
+
 def max_minutes_field():
     return Field(0.0, ge=0.0, description="Wall-clock budget for training, in minutes (a "
                                           "resumed run counts the time spent before the "
