@@ -347,7 +347,10 @@ def cmd_run(args) -> int:
     if args.json:
         summary = {"mlflow_run_id": result["mlflow_run_id"],
                    "stages": {n: {k: v for k, v in s.items() if k != "stats"}
-                              for n, s in result["stages"].items()}}
+                              for n, s in result["stages"].items()},
+                   "metrics": result["metrics"],
+                   "registered_model": result.get("registered_model"),
+                   "champion": result.get("champion")}
         sys.stdout.flush()
         print(json.dumps(redact_secrets(summary)))
     return 0

@@ -125,6 +125,11 @@ def test_default_source_end_to_end_on_tiny_settings(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert list(summary["stages"]) == ["crawl", "extract", "filter", "dedup", "pii",
-                                       "tokenize", "pretrain", "finetune", "evaluate"]
+                                       "tokenize", "pretrain", "finetune", "dpo", "classify",
+                                       "ner", "evaluate", "fewshot"]
     assert summary["stages"]["crawl"]["count"] >= 10
+    # the classification and NER tasks are derived from the docs themselves
+    assert summary["stages"]["classify"]["count"] > 0 and summary["stages"]["ner"]["count"] > 0
+    assert {"classify_accuracy", "ner_f1", "fewshot_accuracy_k0"} <= set(summary["metrics"])
+    assert summary["champion"]["decision"] == "first"
     assert "forgeline run summary" in result.stderr
