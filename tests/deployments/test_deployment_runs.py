@@ -139,7 +139,9 @@ def test_deployments_register_schedule_and_run_with_edited_parameters(server, tm
     for child in children:
         by_stage.setdefault(child.data.tags["forgeline.stage"], []).append(child.info.status)
     assert by_stage.pop("finetune") in (["FAILED", "FINISHED"], ["FINISHED", "FAILED"])
-    assert by_stage == {s: ["FINISHED"] for s in by_stage} and len(by_stage) == 8
+    assert by_stage == {s: ["FINISHED"] for s in (
+        "crawl", "extract", "filter", "dedup", "pii", "tokenize", "pretrain", "dpo",
+        "classify", "ner", "evaluate", "fewshot")}
     artifacts = client.post("/artifacts/filter", json={
         "artifacts": {"flow_run_id": {"any_": [run["id"]]}}}).json()
     summary = next(a for a in artifacts if a["key"] == "forgeline-summary")

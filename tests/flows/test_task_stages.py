@@ -35,7 +35,8 @@ def test_three_folds_are_nested_runs_with_a_mean_and_spread(prefect_server, corp
     data = labelled(tmp_path / "topics.jsonl")
     config = load_config(TINY_CONFIG, [
         f"source.paths=[{corpus}]", f"classify.data_path={data}", "classify.id_column=id",
-        "classify.folds=3", "classify.max_steps=30", "classify.learning_rate=0.003",
+        "classify.folds=3", "classify.max_steps=60", "classify.learning_rate=0.003",
+        "classify.val_every_steps=10",
         "ner.enabled=false", "finetune.enabled=false", "dpo.enabled=false"])
     result = pipeline(config=config, workdir=str(tmp_path / "work"), until="finetune")
     stats = result["stages"]["classify"]["stats"]
@@ -62,7 +63,8 @@ def test_three_folds_are_nested_runs_with_a_mean_and_spread(prefect_server, corp
     # the tuned classifier beats the majority class on every fold's held-out examples
     majority = [r.data.metrics["classify_majority_accuracy"] for r in folds
                 if "classify_majority_accuracy" in r.data.metrics]
-    assert len(majority) == 3 and all(a > m for a, m in zip(accuracies, majority, strict=True))
+    assert len(majority) == 3, accuracies
+    assert all(a > m for a, m in zip(accuracies, majority, strict=True)), (accuracies, majority)
 
 
 def test_a_masked_lm_run_tunes_heads_and_skips_the_generative_modes(prefect_server, corpus,
