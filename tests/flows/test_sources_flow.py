@@ -48,8 +48,10 @@ def test_a_warc_archive_and_a_corpus_mixed_by_weight_through_the_flow(tmp_path):
     assert "## documents per source after each stage" in report
     assert "| books | 41 | 8 |" in report and "| web | 2 | 2 |" in report
 
-    mlflow.set_tracking_uri(result["tracking_uri"])
-    extract_run = mlflow.get_run(stages["extract"]["mlflow_run_id"])
+    # a client of its own: mlflow.set_tracking_uri would set MLFLOW_TRACKING_URI for every
+    # later test in this process
+    extract_run = mlflow.MlflowClient(result["tracking_uri"]).get_run(
+        stages["extract"]["mlflow_run_id"])
     assert extract_run.data.metrics["source.web.documents"] == 2
     assert extract_run.data.metrics["source.books.documents"] == 8
 

@@ -382,7 +382,8 @@ print(next(iter_records({str(tmp_path / "out" / "data")!r}))["text"])
     assert done.returncode == 0, done.stderr
     seconds, text = done.stdout.strip().splitlines()
     assert text == "Mail <EMAIL_ADDRESS> or <EMAIL_ADDRESS>."
-    assert float(seconds) < 5, f"first scrub took {seconds}s: a network timeout?"
+    # generous: only a network timeout (tens of seconds) fails it, not a busy machine
+    assert float(seconds) < 30, f"first scrub took {seconds}s: a network timeout?"
     assert time.perf_counter() - started < 60
     assert "network access attempted" not in done.stderr
     assert not (cache / "python-tldextract").exists()
