@@ -383,9 +383,7 @@ def domain_finetune(config: DomainConfig, tokenized_dir: Path, model_dir: Path,
     tuned = finish_adapter(trained, config.adapter, out_dir)
     set_dropout(tuned, own_dropout)
 
-    train_losses = [loss for _, loss in callback.train_history]
-    first = sum(train_losses[:FIRST_STEPS]) / max(1, len(train_losses[:FIRST_STEPS]))
-    final = sum(train_losses[-FIRST_STEPS:]) / max(1, len(train_losses[-FIRST_STEPS:]))
+    first, final = outcome.first_and_final_loss(FIRST_STEPS)
     general_text = (f"; general held-out loss {general_before:.3f} -> {general_after:.3f}"
                     if general_val is not None else "")
     log.info("domain: %d steps in %.0fs; in-domain held-out loss %.3f -> %.3f%s",

@@ -593,9 +593,7 @@ def dpo(config: DpoConfig, tokenized_dir: Path, model_dir: Path, corpus_dir: Pat
         if general_before is not None else None
     chosen_after = float(after[:, 0].sum() / tokens[:, 0].sum())
 
-    losses = [loss for _, loss in callback.train_history]
-    first = sum(losses[:FIRST_STEPS]) / max(1, len(losses[:FIRST_STEPS]))
-    final = sum(losses[-FIRST_STEPS:]) / max(1, len(losses[-FIRST_STEPS:]))
+    first, final = outcome.first_and_final_loss(FIRST_STEPS)
     log.info("dpo: %d steps in %.0fs; held-out preference accuracy %.3f -> %.3f, reward "
              "accuracy %.3f, margin %.3f, DPO loss %.3f -> %.3f", trainer.global_step, seconds,
              held_out["preference_accuracy_before"], held_out["preference_accuracy"],

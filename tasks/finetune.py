@@ -313,9 +313,7 @@ def finetune(config: FinetuneConfig, tokenized_dir: Path, pretrained_dir: Path,
     tuned = finish_adapter(trained, config.adapter, out_dir)  # the plain Llama for model.pt
     set_dropout(tuned, pretrained_dropout)
 
-    losses = [loss for _, loss in callback.train_history]
-    first = sum(losses[:FIRST_STEPS]) / max(1, len(losses[:FIRST_STEPS]))
-    final = sum(losses[-FIRST_STEPS:]) / max(1, len(losses[-FIRST_STEPS:]))
+    first, final = outcome.first_and_final_loss(FIRST_STEPS)
     log.info("finetune: %d steps in %.0fs; held-out response loss %.3f -> %.3f "
              "(%d tokens); train loss %.3f -> %.3f", trainer.global_step, seconds, val_before,
              val_after, val_tokens, first, final)

@@ -186,6 +186,13 @@ class TrainOutcome:
     def world_size(self) -> int:
         return self.trainer.world_size
 
+    def first_and_final_loss(self, steps: int = 5) -> tuple[float, float]:
+        """The mean train loss of the first and of the last ``steps`` optimizer steps (one
+        step alone is noisy): the ``train_loss_first`` and ``_final`` every stage reports."""
+        losses = [loss for _, loss in self.callback.train_history]
+        first, last = losses[:steps], losses[-steps:]
+        return sum(first) / max(1, len(first)), sum(last) / max(1, len(last))
+
 
 class ResumeSampler:
     """Indices ``start, start+1, ... total-1`` of a dataset whose order is fixed up front,
